@@ -1,0 +1,208 @@
+"""The command line: the only place that parses argv, sets up logging and exits.
+
+    dicomnode serve [--config FILE] [--aet AET] [--port N] [--bind ADDR] [--storage DIR]
+    dicomnode echo HOST PORT [--aet AET] [--aec AET]
+    dicomnode send PATH... --to AET@HOST:PORT [--aet AET]
+    dicomnode status [--config FILE] [--storage DIR] [--json]
+    dicomnode config check FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dicomnode import __version__
+from dicomnode.config import NodeConfig, load_config
+from dicomnode.errors import ConfigError, DestinationError
+
+LOG = logging.getLogger("dicomnode")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    return load_config(getattr(args, "config", None), overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicomnode.service import Node
+
+    overrides = {
+        "ae_title": args.aet,
+        "port": args.port,
+        "bind_address": args.bind,
+        "storage": args.storage,
+    }
+    config = _load(args, overrides)
+    _setup_logging(config.log_level)
+    node = Node(config)
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        LOG.info("received %s", signal.Signals(signum).name)
+        node.request_stop()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        node.startup()
+        node.run()
+    finally:
+        node.shutdown(timeout=config.ingest.dimse_timeout)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicomnode.export.dimse import DimseSender, Peer
+
+    _setup_logging("WARNING")
+    peer = Peer(args.aec, args.host, args.port)
+    status = DimseSender(peer, args.aet, acse_timeout=args.timeout).echo()
+    if status == 0:
+        print(f"C-ECHO to {peer}: success")
+        return EXIT_OK
+    print(f"C-ECHO to {peer}: status 0x{status:04X}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dicomnode.export.dimse import DimseSender, Peer, iter_paths, scan
+
+    _setup_logging("WARNING")
+    peer = Peer.parse(args.to)
+    try:
+        paths = list(iter_paths(args.paths))
+    except FileNotFoundError as exc:
+        print(f"error: no such file or folder: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    files, skipped = scan(paths)
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    if not files:
+        print("error: nothing to send", file=sys.stderr)
+        return EXIT_FAILURE
+    bar = tqdm(total=len(files), unit="inst", disable=args.quiet or None, desc=f"to {peer}")
+    report = DimseSender(peer, args.aet).send(files, progress=lambda f, code: bar.update(1))
+    bar.close()
+    for path, why in report.failed:
+        print(f"failed {path}: {why}", file=sys.stderr)
+    print(f"sent {report.sent} of {len(files)} instances to {peer}; {len(report.failed)} failed")
+    return EXIT_OK if not report.failed else EXIT_FAILURE
+
+
+def _ts(value: float | None) -> str:
+    return datetime.fromtimestamp(value).isoformat(timespec="seconds") if value else "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicomnode.index import Index
+
+    config = _load(args, {"storage": args.storage})
+    db = Index.path_for(config.storage)
+    if not db.exists():
+        print(f"error: no index at {db} (has the node run with this storage folder?)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    index = Index(db)
+    try:
+        studies = index.summary()
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps({"storage": str(config.storage), "studies": studies}, indent=2))
+        return EXIT_OK
+    if not studies:
+        print("no studies")
+        return EXIT_OK
+    for s in studies:
+        print(
+            f"study {s['study_uid']}  {s['state']}  revision {s['revision']}  "
+            f"{s['instances']} instances  from {s['calling_ae']}  "
+            f"last {_ts(s['last_received'])}  completed {_ts(s['completed_at'])}"
+        )
+        for se in s["series"]:
+            print(f"  series {se['series_uid']}  {se['instances']} instances  {se['bytes']} bytes")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    print(f"{args.file}: OK (AE {config.ae_title} on {config.bind_address}:{config.port}, "
+          f"storage {config.storage})")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicomnode", description="A DICOM AI node for hospitals.")
+    p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the node")
+    s.add_argument("--config", type=Path, help="service config file (YAML)")
+    s.add_argument("--aet", help="AE title of the node")
+    s.add_argument("--port", type=int, help="DIMSE port")
+    s.add_argument("--bind", help="address to listen on")
+    s.add_argument("--storage", type=Path, help="storage folder")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    e.add_argument("host")
+    e.add_argument("port", type=int)
+    e.add_argument("--aet", default="DICOMNODE", help="our calling AE title")
+    e.add_argument("--aec", default="ANY-SCP", help="the peer's AE title")
+    e.add_argument("--timeout", type=float, default=10)
+    e.set_defaults(func=cmd_echo)
+
+    se = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    se.add_argument("paths", nargs="+", metavar="PATH")
+    se.add_argument("--to", required=True, metavar="AET@HOST:PORT")
+    se.add_argument("--aet", default="DICOMNODE", help="our calling AE title")
+    se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.set_defaults(func=cmd_send)
+
+    st = sub.add_parser("status", help="studies, series and their states")
+    st.add_argument("--config", type=Path)
+    st.add_argument("--storage", type=Path)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="validate a config file without starting")
+    cc.add_argument("file", type=Path)
+    cc.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DestinationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

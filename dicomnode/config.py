@@ -1,0 +1,253 @@
+"""Typed, validated, frozen service configuration.
+
+One YAML file configures the whole node. Every field has an embedded default, so
+the node starts with no file at all. The config is loaded once (``load_config``)
+and passed down as an argument; nothing reads it from a global.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicomnode.errors import ConfigError
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles: 1-16 characters of the default repertoire, no backslash or control
+    characters, not all spaces (PS3.5 6.2, VR AE). Leading/trailing spaces are not
+    significant and are removed."""
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("must not be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"is {len(stripped)} characters long, at most 16 are allowed")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E or c == "\\" for c in stripped):
+        raise ValueError("may contain only printable ASCII characters other than backslash")
+    return stripped
+
+
+def _check_uid(value: str) -> str:
+    if len(value) > 64 or not _UID_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid DICOM UID")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+UIDStr = Annotated[str, AfterValidator(_check_uid)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AllowedCaller(_Model):
+    """A peer allowed to open associations (and, optionally, from where and what)."""
+
+    ae_title: AETitle
+    host: str | None = Field(
+        default=None,
+        description="IP address (or network in CIDR form) the peer must connect from",
+    )
+    sop_classes: tuple[UIDStr, ...] | None = Field(
+        default=None, description="SOP Class UIDs this peer may store; all when absent"
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+            ) from None
+        return value
+
+    def host_matches(self, address: str) -> bool:
+        if self.host is None:
+            return True
+        try:
+            return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
+        except ValueError:
+            return False
+
+
+class CompletionConfig(_Model):
+    """When a study counts as complete (PS3.4 does not say: the node decides)."""
+
+    quiet_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=86400,
+        description="a study completes after this many seconds without a new instance",
+    )
+    on_association_release: bool = Field(
+        default=False,
+        description="complete the studies an association brought as soon as it is released",
+    )
+    expected_instances: int | None = Field(
+        default=None, ge=1, description="complete a study once it holds this many instances"
+    )
+    use_number_of_study_related_instances: bool = Field(
+        default=False,
+        description="complete once the count in (0020,1208) NumberOfStudyRelatedInstances is reached",
+    )
+
+
+class IngestConfig(_Model):
+    """The DIMSE receiver's tuning."""
+
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=32,
+        description="receiving processes sharing the port; more spread associations over cores",
+    )
+    max_pdu_size: int = Field(
+        default=0,
+        ge=0,
+        description="largest P-DATA PDU accepted, bytes; 0 for unlimited",
+    )
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    max_associations: int = Field(default=32, ge=1, le=1024)
+
+
+class Destination(_Model):
+    """A DICOM peer results are sent to (used by the export stage)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+
+
+class NodeConfig(_Model):
+    """The whole service configuration."""
+
+    ae_title: AETitle = "DICOMNODE"
+    bind_address: str = Field(default="0.0.0.0", description="address the SCP listens on")
+    port: Port = 11112
+    storage: Path = Field(default=Path("dicomnode-data"), description="spool and index folder")
+    allowed_callers: tuple[AllowedCaller, ...] = Field(
+        default=(), description="when non-empty, only these calling AE titles may associate"
+    )
+    completion: CompletionConfig = CompletionConfig()
+    ingest: IngestConfig = IngestConfig()
+    destinations: tuple[Destination, ...] = ()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind_is_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destinations: duplicate name(s) {', '.join(dupes)}")
+        callers = [c.ae_title for c in self.allowed_callers]
+        dupes = sorted({n for n in callers if callers.count(n) > 1})
+        if dupes:
+            raise ValueError(f"allowed_callers: duplicate AE title(s) {', '.join(dupes)}")
+        return self
+
+    def caller_allowed(self, ae_title: str, address: str) -> bool:
+        """True when ``ae_title`` connecting from ``address`` may associate."""
+        if not self.allowed_callers:
+            return True
+        title = ae_title.strip()
+        return any(c.ae_title == title and c.host_matches(address) for c in self.allowed_callers)
+
+    def caller_sop_classes(self, ae_title: str) -> tuple[str, ...] | None:
+        """The SOP classes ``ae_title`` may store, or None for all."""
+        title = ae_title.strip()
+        for caller in self.allowed_callers:
+            if caller.ae_title == title:
+                return caller.sop_classes
+        return None
+
+
+def _format_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling)"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(
+            err["input"], (dict, list)
+        ):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append((field, msg))
+    return problems
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<defaults>") -> NodeConfig:
+    """Validate a mapping into a NodeConfig, or raise ConfigError naming each bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("(top level)", "must be a mapping of settings")])
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _format_errors(exc)) from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> NodeConfig:
+    """Load the YAML file at ``path`` (or the embedded defaults) and apply overrides.
+
+    ``overrides`` holds top-level settings given on the command line; they win over
+    the file.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, [("(file)", f"cannot read: {exc.strerror}")]) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+            raise ConfigError(source, [(where, f"not valid YAML: {exc}")]) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(source, [("(top level)", "must be a mapping of settings")])
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return parse_config(data, source)

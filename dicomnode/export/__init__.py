@@ -1,0 +1,1 @@
+"""Export: sending instances and results to DICOM peers."""

@@ -1,0 +1,359 @@
+"""The SQLite (WAL) index of everything the node holds.
+
+One database file in the storage folder records every stored instance, the state
+of every study (receiving / complete, with a revision per completion), the
+completions handed to the next stage, and association releases. Several
+processes may open it at once (WAL); each thread gets its own connection.
+
+Durability: ``synchronous=FULL`` so that a committed row survives power loss, as
+the instance file it points to does (it is fsync'd before the row is written).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+INDEX_FILENAME = "index.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    path TEXT NOT NULL,
+    expected_count INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('receiving', 'complete')),
+    revision INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    completed_at REAL,
+    calling_ae TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS completions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    completed_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    instance_count INTEGER NOT NULL,
+    handed_off INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (study_uid, revision)
+);
+
+CREATE TABLE IF NOT EXISTS association_releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    released_at REAL NOT NULL,
+    calling_ae TEXT NOT NULL,
+    study_uids TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """One row of the instance index."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    size: int
+    received_at: float
+    path: str
+    expected_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A study reached completion: handed to the next stage exactly through this."""
+
+    id: int
+    study_uid: str
+    revision: int
+    completed_at: float
+    reason: str
+    instance_count: int
+
+
+class Index:
+    """Thread-safe access to the index database (one connection per thread)."""
+
+    def __init__(self, path: Path, *, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._timeout = timeout
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+
+    @staticmethod
+    def path_for(storage: Path | str) -> Path:
+        """Where the index of the storage folder ``storage`` lives."""
+        return Path(storage) / INDEX_FILENAME
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        conn = self._conn()
+        conn.row_factory = sqlite3.Row
+        try:
+            return list(conn.execute(sql, params))
+        finally:
+            conn.row_factory = None
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+        self._local = threading.local()
+
+    # -- ingest -------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            .fetchone()
+        )
+        return row is not None
+
+    def add_instance(self, rec: InstanceRecord) -> bool:
+        """Record a stored instance and mark its study as receiving.
+
+        Returns False when the SOP Instance UID was already indexed (nothing changes).
+        """
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid,"
+                " series_uid, transfer_syntax, calling_ae, size, received_at, path,"
+                " expected_count) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    rec.sop_instance_uid,
+                    rec.sop_class_uid,
+                    rec.study_uid,
+                    rec.series_uid,
+                    rec.transfer_syntax,
+                    rec.calling_ae,
+                    rec.size,
+                    rec.received_at,
+                    rec.path,
+                    rec.expected_count,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            conn.execute(
+                "INSERT INTO studies (study_uid, state, first_received, last_received, calling_ae)"
+                " VALUES (?, 'receiving', ?, ?, ?)"
+                " ON CONFLICT(study_uid) DO UPDATE SET state='receiving',"
+                " last_received=max(last_received, excluded.last_received)",
+                (rec.study_uid, rec.received_at, rec.received_at, rec.calling_ae),
+            )
+        return True
+
+    def record_release(self, calling_ae: str, study_uids: list[str]) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO association_releases (released_at, calling_ae, study_uids)"
+                " VALUES (?,?,?)",
+                (time.time(), calling_ae, json.dumps(sorted(study_uids))),
+            )
+
+    # -- completion ---------------------------------------------------------
+
+    def new_instances_since(self, last_id: int) -> tuple[int, dict[str, float]]:
+        """Studies with instances indexed after row ``last_id``: (new last id, {study: last})."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT max(id), study_uid, max(received_at) FROM instances WHERE id > ?"
+                " GROUP BY study_uid",
+                (last_id,),
+            )
+            .fetchall()
+        )
+        top = max((r[0] for r in rows), default=last_id)
+        return top, {r[1]: r[2] for r in rows}
+
+    def releases_since(self, last_id: int) -> tuple[int, list[str]]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT id, study_uids FROM association_releases WHERE id > ? ORDER BY id",
+                (last_id,),
+            )
+            .fetchall()
+        )
+        top = max((r[0] for r in rows), default=last_id)
+        studies: list[str] = []
+        for _, uids in rows:
+            studies.extend(json.loads(uids))
+        return top, studies
+
+    def max_ids(self) -> tuple[int, int]:
+        conn = self._conn()
+        inst = conn.execute("SELECT coalesce(max(id), 0) FROM instances").fetchone()[0]
+        rel = conn.execute("SELECT coalesce(max(id), 0) FROM association_releases").fetchone()[0]
+        return int(inst), int(rel)
+
+    def receiving_studies(self) -> dict[str, float]:
+        """Studies not yet complete, with the time their last instance arrived."""
+        rows = (
+            self._conn()
+            .execute("SELECT study_uid, last_received FROM studies WHERE state='receiving'")
+            .fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def study_progress(self, study_uid: str) -> tuple[int, int | None]:
+        """(instances held, largest expected count announced in the headers, if any)."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT count(*), max(expected_count) FROM instances WHERE study_uid = ?",
+                (study_uid,),
+            )
+            .fetchone()
+        )
+        return int(row[0]), row[1]
+
+    def complete_study(self, study_uid: str, reason: str) -> Completion | None:
+        """Mark the study complete as a new revision, unless it is not receiving.
+
+        Atomic: an instance committed concurrently either counts in this revision or
+        re-opens the study afterwards.
+        """
+        now = time.time()
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT state, revision FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+            if row is None or row[0] != "receiving":
+                return None
+            revision = int(row[1]) + 1
+            count = conn.execute(
+                "SELECT count(*) FROM instances WHERE study_uid = ?", (study_uid,)
+            ).fetchone()[0]
+            conn.execute(
+                "UPDATE studies SET state='complete', revision=?, completed_at=?"
+                " WHERE study_uid=?",
+                (revision, now, study_uid),
+            )
+            cur = conn.execute(
+                "INSERT INTO completions (study_uid, revision, completed_at, reason,"
+                " instance_count) VALUES (?,?,?,?,?)",
+                (study_uid, revision, now, reason, count),
+            )
+            assert cur.lastrowid is not None
+            return Completion(cur.lastrowid, study_uid, revision, now, reason, int(count))
+
+    def mark_handed_off(self, completion_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE completions SET handed_off=1 WHERE id=?", (completion_id,))
+
+    def pending_handoffs(self) -> list[Completion]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT id, study_uid, revision, completed_at, reason, instance_count"
+                " FROM completions WHERE handed_off=0 ORDER BY id"
+            )
+            .fetchall()
+        )
+        return [Completion(*r) for r in rows]
+
+    # -- reporting ----------------------------------------------------------
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Every study with its series, counts and state (for ``dicomnode status``)."""
+        studies = self.query(
+            "SELECT study_uid, state, revision, first_received, last_received, completed_at,"
+            " calling_ae FROM studies ORDER BY first_received"
+        )
+        series_rows = self.query(
+            "SELECT study_uid, series_uid, count(*) AS n, sum(size) AS bytes,"
+            " group_concat(DISTINCT sop_class_uid) AS classes,"
+            " group_concat(DISTINCT transfer_syntax) AS syntaxes"
+            " FROM instances GROUP BY study_uid, series_uid ORDER BY min(id)"
+        )
+        by_study: dict[str, list[dict[str, Any]]] = {}
+        for r in series_rows:
+            by_study.setdefault(r["study_uid"], []).append(
+                {
+                    "series_uid": r["series_uid"],
+                    "instances": r["n"],
+                    "bytes": r["bytes"],
+                    "sop_classes": sorted(r["classes"].split(",")),
+                    "transfer_syntaxes": sorted(r["syntaxes"].split(",")),
+                }
+            )
+        out = []
+        for s in studies:
+            series = by_study.get(s["study_uid"], [])
+            out.append(
+                {
+                    "study_uid": s["study_uid"],
+                    "state": s["state"],
+                    "revision": s["revision"],
+                    "calling_ae": s["calling_ae"],
+                    "first_received": s["first_received"],
+                    "last_received": s["last_received"],
+                    "completed_at": s["completed_at"],
+                    "instances": sum(x["instances"] for x in series),
+                    "series": series,
+                }
+            )
+        return out

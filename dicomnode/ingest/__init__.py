@@ -1,0 +1,1 @@
+"""Ingest: the front doors (DIMSE, later DICOMweb), the spool and study completion."""

@@ -1,0 +1,421 @@
+"""The DIMSE front door: a pynetdicom C-ECHO / C-STORE SCP (PS3.4 Annex A and B).
+
+Every storage SOP class and every transfer syntax the peer proposes is accepted
+(the first proposed transfer syntax of each context, so that instances are stored
+exactly as the sender encoded them). The C-STORE handler never decodes pixel
+data: it reads the few attributes it needs from the header, writes the received
+bytes durably through the spool, commits the index row, and only then answers
+Success. Errors become a DIMSE status here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicomnode import __version__
+from dicomnode.config import NodeConfig
+from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
+from dicomnode.index import Index, InstanceRecord
+from dicomnode.ingest.spool import Spool, validate_uid
+
+LOG = logging.getLogger(__name__)
+
+# Implementation Class UID: a UUID-derived UID (PS3.5 B.2), fixed for this product.
+IMPLEMENTATION_CLASS_UID = "2.25.160285946466287385733542389713476361517"
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+
+# DIMSE statuses (PS3.4 B.2.3, PS3.7 C)
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_NOT_AUTHORIZED = 0x0124
+STATUS_PROCESSING_FAILURE = 0x0110
+
+_STUDY_UID = Tag(0x0020, 0x000D)
+_SERIES_UID = Tag(0x0020, 0x000E)
+_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
+_STUDY_RELATED_INSTANCES = Tag(0x0020, 0x1208)
+_HEADER_TAGS = [_SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID, _STUDY_RELATED_INSTANCES]
+_LAST_HEADER_TAG = _STUDY_RELATED_INSTANCES
+_DEFLATE_HEADER_LIMIT = 16 << 20
+
+# Accept any storage SOP class, including private and future ones.
+_config.UNRESTRICTED_STORAGE_SERVICE = True
+_config.LOG_HANDLER_LEVEL = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderInfo:
+    """The attributes the receive path needs, read without decoding the dataset."""
+
+    sop_instance_uid: str | None
+    study_uid: str
+    series_uid: str
+    expected_count: int | None
+
+
+def read_header(data: bytes | memoryview, transfer_syntax: UID) -> HeaderInfo:
+    """Read Study/Series UIDs (and a few others) from an encoded dataset.
+
+    Stops parsing after (0020,1208), so the cost does not grow with the pixel data.
+    Raises InvalidInstanceError with a reason when the header cannot be parsed.
+    """
+    raw: bytes | memoryview = data
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _DEFLATE_HEADER_LIMIT)
+        except zlib.error as exc:
+            raise InvalidInstanceError(f"deflated dataset cannot be inflated: {exc}") from None
+    implicit = transfer_syntax.is_implicit_VR if transfer_syntax.is_transfer_syntax else False
+    little = transfer_syntax.is_little_endian if transfer_syntax.is_transfer_syntax else True
+    try:
+        ds = read_dataset(
+            io.BytesIO(raw),
+            implicit,
+            little,
+            stop_when=lambda tag, vr, length: tag > _LAST_HEADER_TAG,
+            specific_tags=_HEADER_TAGS,
+        )
+        study = ds.get(_STUDY_UID)
+        series = ds.get(_SERIES_UID)
+        sop = ds.get(_SOP_INSTANCE_UID)
+        count = ds.get(_STUDY_RELATED_INSTANCES)
+        study_v = str(study.value) if study is not None and study.value else None
+        series_v = str(series.value) if series is not None and series.value else None
+        sop_v = str(sop.value) if sop is not None and sop.value else None
+        count_v = int(count.value) if count is not None and count.value not in (None, "") else None
+    except InvalidInstanceError:
+        raise
+    except RecursionError:
+        raise InvalidInstanceError("dataset nests sequences too deeply to be read") from None
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise InvalidInstanceError(f"dataset header cannot be parsed: {exc}") from None
+    if study_v is None:
+        raise InvalidInstanceError("Study Instance UID (0020,000D) is missing")
+    if series_v is None:
+        raise InvalidInstanceError("Series Instance UID (0020,000E) is missing")
+    return HeaderInfo(sop_v, study_v, series_v, count_v if count_v and count_v > 0 else None)
+
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
+) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group (PS3.10 7.1)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+class NodeACSE(ACSE):
+    """ACSE that also enforces the config's allowlist of callers (AE title + host).
+
+    pynetdicom's own check knows only AE titles; ours adds the source address. A
+    refused peer gets A-ASSOCIATE-RJ, permanent, service-user, "calling AE title not
+    recognized" (PS3.8 9.3.4).
+    """
+
+    def _negotiate_as_acceptor(self) -> None:
+        policy: NodeConfig | None = getattr(self.assoc, "node_config", None)
+        if policy is not None and policy.allowed_callers:
+            calling = self.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
+            address = self.assoc.requestor.address
+            if not policy.caller_allowed(calling, address):
+                LOG.warning(
+                    "rejecting association from %s at %s: calling AE title not allowed",
+                    calling,
+                    address,
+                )
+                self.send_reject(0x01, 0x01, 0x03)
+                evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+                self.assoc.kill()
+                return
+        super()._negotiate_as_acceptor()
+
+
+class NodeRequestHandler(RequestHandler):
+    """Creates associations that carry the node's policy and use NodeACSE."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.node_config = self.server.node_config  # type: ignore[attr-defined]
+        assoc.acse = NodeACSE(assoc)
+        sock = assoc.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is not None:
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return assoc
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """A threaded association server that can adopt an already listening socket.
+
+    Several receiving processes can then share one port: the parent creates and
+    binds the socket, each child adopts it.
+    """
+
+    node_config: NodeConfig
+    adopted_socket: socket.socket | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", NodeRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.adopted_socket is not None:
+            self.socket.close()
+            self.socket = self.adopted_socket
+            self.server_address = self.socket.getsockname()
+            return
+        super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.adopted_socket is not None:
+            return  # already listening
+        super().server_activate()
+
+
+class StoreSCP:
+    """The C-ECHO/C-STORE service provider of the node."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        spool: Spool,
+        index: Index,
+        on_stored: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.index = index
+        self._on_stored = on_stored
+        self._server: NodeAssociationServer | None = None
+        self._in_flight = 0
+        self._in_flight_cv = threading.Condition()
+        self._assoc_studies: dict[int, set[str]] = {}
+        self._assoc_lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _make_ae(self) -> AE:
+        ic = self.config.ingest
+        ae = AE(ae_title=self.config.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_pdu_size = ic.max_pdu_size
+        ae.acse_timeout = ic.acse_timeout
+        ae.dimse_timeout = ic.dimse_timeout
+        ae.network_timeout = ic.network_timeout
+        ae.maximum_associations = ic.max_associations
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        return ae
+
+    def start(self, sock: socket.socket | None = None) -> tuple[str, int]:
+        """Start serving in background threads; returns the bound (host, port).
+
+        With ``sock`` (an already bound and listening socket) the server adopts it.
+        """
+        ae = self._make_ae()
+        handlers = [
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_ABORTED, self._handle_gone),
+            (evt.EVT_CONN_CLOSE, self._handle_gone),
+            (evt.EVT_ACCEPTED, self._handle_accepted),
+            (evt.EVT_REJECTED, self._handle_rejected),
+        ]
+
+        cfg = self.config
+
+        class _Server(NodeAssociationServer):
+            node_config = cfg
+            adopted_socket = sock
+
+        server = ae.make_server(
+            (cfg.bind_address, cfg.port), evt_handlers=handlers, server_class=_Server
+        )
+        ae._servers.append(server)
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dimse-accept",
+            daemon=True,
+        )
+        thread.start()
+        self._server = server
+        host, port = server.server_address[:2]
+        LOG.info("DIMSE SCP %s listening on %s:%s", cfg.ae_title, host, port)
+        return str(host), int(port)
+
+    @property
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop_accepting(self) -> None:
+        """Stop listening; associations already open go on."""
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()  # stops serve_forever and closes the listening socket
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no association is open (or ``timeout``); True when idle."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._server is None or not self._server.active_associations:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful stop: no new associations, finish stores in flight, then abort the rest."""
+        server = self._server
+        if server is None:
+            return
+        self.stop_accepting()
+        if not self.wait_idle(timeout):
+            LOG.warning("associations still open after %.0f s; aborting them", timeout)
+            with self._in_flight_cv:
+                self._in_flight_cv.wait_for(lambda: self._in_flight == 0, timeout=10)
+            for assoc in server.active_associations:
+                assoc.abort()
+        self._server = None
+
+    # -- event handlers -----------------------------------------------------
+
+    def _handle_accepted(self, event: evt.Event) -> None:
+        LOG.info(
+            "association accepted from %s at %s",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def _handle_rejected(self, event: evt.Event) -> None:
+        LOG.info(
+            "association rejected: calling %s at %s",
+            event.assoc.requestor.ae_title,
+            event.assoc.requestor.address,
+        )
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _handle_released(self, event: evt.Event) -> None:
+        with self._assoc_lock:
+            studies = self._assoc_studies.pop(id(event.assoc), set())
+        if studies and self.config.completion.on_association_release:
+            try:
+                self.index.record_release(event.assoc.requestor.ae_title, sorted(studies))
+            except Exception:
+                LOG.exception("cannot record the association release")
+            if self._on_stored is not None:
+                self._on_stored("")
+
+    def _handle_gone(self, event: evt.Event) -> None:
+        with self._assoc_lock:
+            self._assoc_studies.pop(id(event.assoc), None)
+
+    def _handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+        with self._in_flight_cv:
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        except Exception:  # nothing escapes a handler
+            LOG.exception("unexpected error while storing an instance")
+            return STATUS_PROCESSING_FAILURE
+        finally:
+            with self._in_flight_cv:
+                self._in_flight -= 1
+                self._in_flight_cv.notify_all()
+
+    def _store(self, event: evt.Event) -> int:
+        req = event.request
+        assoc = event.assoc
+        calling_ae = assoc.requestor.ae_title.strip()
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop_uid_cmd = str(req.AffectedSOPInstanceUID or "")
+        transfer_syntax = event.context.transfer_syntax
+
+        allowed = self.config.caller_sop_classes(calling_ae)
+        if allowed is not None and sop_class not in allowed:
+            LOG.warning("refused SOP class %s from %s: not allowed", sop_class, calling_ae)
+            return STATUS_NOT_AUTHORIZED
+
+        data: bytes = req.DataSet.getvalue()
+        try:
+            validate_uid(sop_class, "Affected SOP Class UID")
+            sop_uid = validate_uid(sop_uid_cmd, "Affected SOP Instance UID")
+            header = read_header(data, UID(transfer_syntax))
+            if header.sop_instance_uid is not None and header.sop_instance_uid != sop_uid:
+                raise InvalidInstanceError(
+                    "SOP Instance UID in the dataset differs from the command's"
+                )
+            target = self.spool.instance_path(header.study_uid, header.series_uid, sop_uid)
+        except (InvalidInstanceError, InvalidUIDError) as exc:
+            LOG.warning("refused an instance from %s: %s", calling_ae, exc)
+            return STATUS_CANNOT_UNDERSTAND
+
+        with self._assoc_lock:
+            self._assoc_studies.setdefault(id(assoc), set()).add(header.study_uid)
+
+        if self.index.has_instance(sop_uid):
+            LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
+            return STATUS_SUCCESS
+
+        try:
+            meta = encode_file_meta(sop_class, sop_uid, str(transfer_syntax), calling_ae)
+            size = self.spool.store(target, (meta, data))
+            self.index.add_instance(
+                InstanceRecord(
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                    transfer_syntax=str(transfer_syntax),
+                    calling_ae=calling_ae,
+                    size=size,
+                    received_at=time.time(),
+                    path=str(target.relative_to(self.spool.root)),
+                    expected_count=header.expected_count,
+                )
+            )
+        except StorageError as exc:
+            LOG.error("cannot store an instance from %s: %s", calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception as exc:
+            # the index commit failed: the file may exist, but nothing was acknowledged
+            LOG.error("cannot index an instance from %s: %s", calling_ae, exc)
+            return STATUS_OUT_OF_RESOURCES
+        if self._on_stored is not None:
+            self._on_stored(header.study_uid)
+        return STATUS_SUCCESS

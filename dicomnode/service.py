@@ -1,0 +1,161 @@
+"""The node: wires the stages together and owns the lifecycle.
+
+``Node.startup()`` opens the index and spool, re-arms pending completions and starts
+receiving; ``Node.run()`` blocks until ``request_stop()`` (the CLI calls it from
+SIGTERM/SIGINT); ``Node.shutdown(timeout)`` stops accepting associations, lets
+stores in flight finish, stops the timers and flushes the index.
+
+With ``ingest.processes > 1`` the node binds the port itself and hands the
+listening socket to that many receiving processes (``dicomnode.ingest.worker``), so
+associations do not share one interpreter lock; the completion timers stay in this
+process and learn of new instances from the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode.config import NodeConfig
+from dicomnode.index import Index
+from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
+from dicomnode.ingest.scp import StoreSCP
+from dicomnode.ingest.spool import Spool
+
+LOG = logging.getLogger(__name__)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Node:
+    """One dicomnode service instance."""
+
+    def __init__(self, config: NodeConfig, sink: CompletionSink | None = None) -> None:
+        self.config = config
+        self.sink: CompletionSink = sink or LoggingSink()
+        self.index: Index | None = None
+        self.spool: Spool | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.tracker: CompletionTracker | None = None
+        self.scp: StoreSCP | None = None
+        self.address: tuple[str, int] | None = None
+        self._listen_sock: socket.socket | None = None
+        self._workers: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._stopping = False
+
+    # -- startup ----------------------------------------------------------------
+
+    def startup(self) -> None:
+        cfg = self.config
+        self.spool = Spool(Path(cfg.storage))
+        removed = self.spool.clean_tmp()
+        if removed:
+            LOG.warning("removed %d partial files left by an earlier crash", removed)
+        self.index = Index(Index.path_for(cfg.storage))
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.scheduler.start()
+        self.tracker = CompletionTracker(cfg.completion, self.index, self.scheduler, self.sink)
+        self.tracker.start()
+        if cfg.ingest.processes == 1:
+            self.scp = StoreSCP(cfg, self.spool, self.index, on_stored=self.tracker.notify)
+            self.address = self.scp.start()
+        else:
+            self._start_workers()
+        LOG.info(
+            "dicomnode %s ready on %s:%d (storage %s)",
+            cfg.ae_title,
+            self.address[0] if self.address else "?",
+            self.address[1] if self.address else 0,
+            cfg.storage,
+        )
+
+    def _start_workers(self) -> None:
+        cfg = self.config
+        self._listen_sock = _listening_socket(cfg.bind_address, cfg.port)
+        self.address = self._listen_sock.getsockname()[:2]
+        for n in range(cfg.ingest.processes):
+            self._workers.append(self._spawn_worker(n))
+
+    def _spawn_worker(self, n: int) -> subprocess.Popen[bytes]:
+        assert self._listen_sock is not None
+        fd = self._listen_sock.fileno()
+        payload = self.config.model_dump_json()
+        return subprocess.Popen(
+            [sys.executable, "-m", "dicomnode.ingest.worker", "--fd", str(fd), "--number", str(n)],
+            pass_fds=(fd,),
+            stdin=subprocess.PIPE,
+            env={**os.environ, "DICOMNODE_CONFIG_JSON": payload},
+        )
+
+    def _check_workers(self) -> None:
+        """Restart a receiving process that died (its associations are lost, not acked)."""
+        for i, proc in enumerate(self._workers):
+            code = proc.poll()
+            if code is not None and not self._stopping:
+                LOG.error("receiving process %d exited with %s; restarting it", i, code)
+                self._workers[i] = self._spawn_worker(i)
+
+    # -- run / stop ---------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Block until ``request_stop()``."""
+        while not self._stop.wait(1.0):
+            if self._workers:
+                self._check_workers()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop accepting, finish stores in flight, stop timers, flush. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        LOG.info("shutting down: no new associations; waiting for stores in flight")
+        if self.scp is not None:
+            self.scp.stop(timeout)
+        if self._workers:
+            if self._listen_sock is not None:
+                self._listen_sock.close()
+            for proc in self._workers:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout + 5
+            for proc in self._workers:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.tracker is not None:
+            # instances stored by the last associations still get their timers re-armed
+            # at the next start-up; poll once so that releases are recorded now
+            try:
+                self.tracker.poll()
+            except Exception:
+                LOG.exception("final completion poll failed")
+            self.tracker.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        if self.index is not None:
+            self.index.close()
+        LOG.info("shut down cleanly")
+
