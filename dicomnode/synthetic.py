@@ -104,6 +104,8 @@ def make_ct_series(
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
         ds.KVP = 120
+        ds.AcquisitionNumber = 1
+        ds.PositionReferenceIndicator = ""
         ds.PixelData = stored.tobytes()
         path = out_dir / f"CT{i + 1:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
