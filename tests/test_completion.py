@@ -68,7 +68,8 @@ def _tracker(tmp_path: Path, **cfg: Any) -> tuple[CompletionTracker, Index, Fake
 
 def test_quiet_timer_reset_by_each_instance(tmp_path: Path) -> None:
     tracker, index, sched, sink, clock = _tracker(tmp_path, quiet_seconds=5)
-    tracker.start(); tracker.stop()  # no poll thread needed: the test polls
+    tracker.start()
+    tracker.stop()  # no poll thread needed: the test polls
     _add(index, "1.1", clock.now)
     tracker.poll()
     clock.now += 4
@@ -153,6 +154,7 @@ def test_restart_rearms_and_retries_handoff(tmp_path: Path) -> None:
     # "restart": a new tracker over the same index
     tracker2, index2, sched2, sink2, clock2 = _tracker(tmp_path, quiet_seconds=5)
     clock2.now = clock.now
-    tracker2.start(); tracker2.stop()
+    tracker2.start()
+    tracker2.stop()
     assert sorted(c.study_uid for c in sink2.got) == ["1.2.3", "1.2.4"]
     assert index2.pending_handoffs() == []
