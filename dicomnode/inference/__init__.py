@@ -1,0 +1,4 @@
+"""Inference: series to volume, model manifests and runtimes, device choice.
+
+Never imports pynetdicom; torch is imported lazily by the runtimes that need it.
+"""
