@@ -4,6 +4,7 @@
     dicomnode echo HOST PORT [--aet AET] [--aec AET]
     dicomnode send PATH... --to AET@HOST:PORT [--aet AET]
     dicomnode status [--config FILE] [--storage DIR] [--json]
+    dicomnode rules test PATH... [--config FILE]
     dicomnode config check FILE
 """
 
@@ -145,6 +146,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from dicomnode.export.dimse import iter_paths
+    from dicomnode.routing.rules import evaluate, explain, series_from_files
+
+    config = _load(args)
+    try:
+        paths = list(iter_paths(args.paths))
+    except FileNotFoundError as exc:
+        print(f"error: no such file or folder: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    series, skipped = series_from_files(paths)
+    for path, why in skipped:
+        if args.verbose:
+            print(f"skipped {path}: {why}", file=sys.stderr)
+    if not series:
+        print("error: no DICOM series found", file=sys.stderr)
+        return EXIT_FAILURE
+    by_study: dict[str, list[Any]] = {}
+    for s in series:
+        by_study.setdefault(s.study_uid, []).append(s)
+    for study_uid, study_series in by_study.items():
+        print(f"study {study_uid}: {len(study_series)} series")
+        print(explain(evaluate(config.routing, study_series)))
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: OK (AE {config.ae_title} on {config.bind_address}:{config.port}, "
@@ -185,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--storage", type=Path)
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("rules", help="routing rule tools")
+    rsub = r.add_subparsers(dest="rules_command", required=True)
+    rt = rsub.add_parser("test", help="which rule matches which series of a folder, and why not")
+    rt.add_argument("paths", nargs="+", metavar="PATH")
+    rt.add_argument("--config", type=Path)
+    rt.add_argument("--verbose", action="store_true", help="list files that were skipped")
+    rt.set_defaults(func=cmd_rules_test)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)

@@ -143,6 +143,77 @@ class Destination(_Model):
     port: Port
 
 
+class _Range(_Model):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Range:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min:g}) is larger than max ({self.max:g})")
+        return self
+
+    def contains(self, value: float) -> bool:
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+def _check_regex(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+
+
+class SeriesMatch(_Model):
+    """What a series (and its study) must look like for a rule to match.
+
+    Every field given must match; fields left out match anything. Regular
+    expressions are searched (not anchored) and case-insensitive.
+    """
+
+    modality: tuple[str, ...] | None = Field(default=None, description="any of these Modality values")
+    body_part: Regex | None = Field(
+        default=None,
+        description="searched in BodyPartExamined; where that is empty, in the study and series"
+        " descriptions and protocol name",
+    )
+    study_description: Regex | None = None
+    series_description: Regex | None = None
+    image_type: tuple[str, ...] | None = Field(
+        default=None, description="every one of these values must be in ImageType"
+    )
+    exclude_image_type: tuple[str, ...] = Field(
+        default=("LOCALIZER",), description="no one of these values may be in ImageType"
+    )
+    orientation: Literal["axial", "sagittal", "coronal"] | None = None
+    slice_thickness: _Range | None = None
+    instances: _Range | None = None
+    calling_ae: Regex | None = None
+    called_ae: Regex | None = None
+
+
+class Rule(_Model):
+    """One routing rule: which series go to which model, and where the results go."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    match: SeriesMatch = SeriesMatch()
+    select: Literal["thinnest", "most_instances", "all"] = Field(
+        default="thinnest",
+        description="among matching series: the thinnest (ties: most instances), the one with"
+        " most instances, or every one",
+    )
+    model: str = Field(min_length=1)
+    destinations: tuple[str, ...] = ()
+    priority: Literal["stat", "routine"] = "routine"
+    final: bool = Field(default=False, description="when it matches, later rules are not tried")
+
+
 class NodeConfig(_Model):
     """The whole service configuration."""
 
@@ -156,6 +227,8 @@ class NodeConfig(_Model):
     completion: CompletionConfig = CompletionConfig()
     ingest: IngestConfig = IngestConfig()
     destinations: tuple[Destination, ...] = ()
+    models_dir: Path = Field(default=Path("models"), description="folder of model folders")
+    routing: tuple[Rule, ...] = Field(default=(), description="ordered routing rules")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("bind_address")
@@ -173,6 +246,18 @@ class NodeConfig(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destinations: duplicate name(s) {', '.join(dupes)}")
+        rules = [r.name for r in self.routing]
+        dupes = sorted({n for n in rules if rules.count(n) > 1})
+        if dupes:
+            raise ValueError(f"routing: duplicate rule name(s) {', '.join(dupes)}")
+        known = set(names)
+        for i, rule in enumerate(self.routing):
+            unknown = [d for d in rule.destinations if d not in known]
+            if unknown:
+                raise ValueError(
+                    f"routing.{i}.destinations: unknown destination(s) {', '.join(unknown)}"
+                    f" (configured: {', '.join(sorted(known)) or 'none'})"
+                )
         callers = [c.ae_title for c in self.allowed_callers]
         dupes = sorted({n for n in callers if callers.count(n) > 1})
         if dupes:

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS instances (
     series_uid TEXT NOT NULL,
     transfer_syntax TEXT NOT NULL,
     calling_ae TEXT NOT NULL,
+    called_ae TEXT NOT NULL DEFAULT '',
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
     path TEXT NOT NULL,
@@ -85,6 +86,7 @@ class InstanceRecord:
     received_at: float
     path: str
     expected_count: int | None = None
+    called_ae: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +180,8 @@ class Index:
         with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid,"
-                " series_uid, transfer_syntax, calling_ae, size, received_at, path,"
-                " expected_count) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " series_uid, transfer_syntax, calling_ae, called_ae, size, received_at, path,"
+                " expected_count) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.sop_instance_uid,
                     rec.sop_class_uid,
@@ -187,6 +189,7 @@ class Index:
                     rec.series_uid,
                     rec.transfer_syntax,
                     rec.calling_ae,
+                    rec.called_ae,
                     rec.size,
                     rec.received_at,
                     rec.path,
@@ -314,6 +317,15 @@ class Index:
             .fetchall()
         )
         return [Completion(*r) for r in rows]
+
+    def study_series(self, study_uid: str) -> dict[str, list[sqlite3.Row]]:
+        """The instances of a study grouped by series, in arrival order."""
+        out: dict[str, list[sqlite3.Row]] = {}
+        for row in self.query(
+            "SELECT * FROM instances WHERE study_uid = ? ORDER BY id", (study_uid,)
+        ):
+            out.setdefault(row["series_uid"], []).append(row)
+        return out
 
     # -- reporting ----------------------------------------------------------
 

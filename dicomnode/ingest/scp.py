@@ -407,6 +407,7 @@ class StoreSCP:
                     received_at=time.time(),
                     path=str(target.relative_to(self.spool.root)),
                     expected_count=header.expected_count,
+                    called_ae=assoc.acceptor.ae_title.strip(),
                 )
             )
         except StorageError as exc:

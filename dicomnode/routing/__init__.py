@@ -1,0 +1,1 @@
+"""Routing: rules that turn a completed study into jobs."""
