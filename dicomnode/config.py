@@ -134,6 +134,18 @@ class IngestConfig(_Model):
     max_associations: int = Field(default=32, ge=1, le=1024)
 
 
+class InferenceConfig(_Model):
+    """The in-process worker that runs the models."""
+
+    enabled: bool = Field(default=True, description="run jobs in this process")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")
+    lease_seconds: float = Field(default=300.0, gt=0, description="a job's lease, extended while it runs")
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    retry_backoff_seconds: float = Field(default=10.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=600.0, gt=0)
+    preload: bool = Field(default=True, description="load the routed models at start-up (warm)")
+
+
 class Destination(_Model):
     """A DICOM peer results are sent to (used by the export stage)."""
 
@@ -226,6 +238,7 @@ class NodeConfig(_Model):
     )
     completion: CompletionConfig = CompletionConfig()
     ingest: IngestConfig = IngestConfig()
+    inference: InferenceConfig = InferenceConfig()
     destinations: tuple[Destination, ...] = ()
     models_dir: Path = Field(default=Path("models"), description="folder of model folders")
     routing: tuple[Rule, ...] = Field(default=(), description="ordered routing rules")

@@ -30,6 +30,8 @@ from dicomnode.index import Index
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
+from dicomnode.pipeline import InferenceWorker, ModelPool, RoutingSink
+from dicomnode.queue.sqlite import SQLiteJobQueue
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +51,10 @@ class Node:
 
     def __init__(self, config: NodeConfig, sink: CompletionSink | None = None) -> None:
         self.config = config
+        self._default_sink = sink is None
         self.sink: CompletionSink = sink or LoggingSink()
+        self.queue: SQLiteJobQueue | None = None
+        self.worker: InferenceWorker | None = None
         self.index: Index | None = None
         self.spool: Spool | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -72,6 +77,8 @@ class Node:
         self.index = Index(Index.path_for(cfg.storage))
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.start()
+        if self._default_sink:
+            self._start_pipeline()
         self.tracker = CompletionTracker(cfg.completion, self.index, self.scheduler, self.sink)
         self.tracker.start()
         if cfg.ingest.processes == 1:
@@ -86,6 +93,34 @@ class Node:
             self.address[1] if self.address else 0,
             cfg.storage,
         )
+
+    def _start_pipeline(self) -> None:
+        """Routing sink -> durable queue -> in-process inference worker (warm models)."""
+        cfg = self.config
+        assert self.index is not None
+        self.queue = SQLiteJobQueue(
+            SQLiteJobQueue.path_for(cfg.storage),
+            backoff_base=cfg.inference.retry_backoff_seconds,
+            backoff_max=cfg.inference.retry_backoff_max_seconds,
+        )
+        # only this process leases jobs: whatever is leased now was abandoned by a crash
+        reaped = self.queue.reap_abandoned(now=float("inf"))
+        if reaped:
+            LOG.warning("%d job(s) were running when the node stopped; they run again", reaped)
+        if cfg.inference.enabled and cfg.routing:
+            from dicomnode.inference.device import choose_device
+
+            pool = ModelPool(cfg.models_dir, choose_device(cfg.inference.device))
+            if cfg.inference.preload:
+                for name in sorted({r.model for r in cfg.routing}):
+                    try:
+                        pool.get(name)
+                    except Exception:
+                        LOG.exception("model %s cannot be loaded; its jobs will fail", name)
+            self.worker = InferenceWorker(cfg, self.index, self.queue, pool)
+            self.worker.start()
+        self.sink = RoutingSink(cfg, self.index, self.queue,
+                                on_job=self.worker.notify if self.worker else None)
 
     def _start_workers(self) -> None:
         cfg = self.config
@@ -153,8 +188,12 @@ class Node:
             except Exception:
                 LOG.exception("final completion poll failed")
             self.tracker.stop()
+        if self.worker is not None:
+            self.worker.stop(timeout)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        if self.queue is not None:
+            self.queue.close()
         if self.index is not None:
             self.index.close()
         LOG.info("shut down cleanly")

@@ -1,0 +1,711 @@
+"""Series to Volume: read a classic single-frame image series into one 3-D array.
+
+``load_series(paths)`` returns a :class:`~dicomnode.inference.geometry.Volume`
+(conventions in that module's docstring) or refuses with
+:class:`~dicomnode.errors.InconsistentSeriesError` listing every reason.
+
+Geometry (PS3.3 C.7.6.2, Image Plane Module):
+
+* one SeriesInstanceUID, one FrameOfReferenceUID, one ImageOrientationPatient,
+  one Rows/Columns and one PixelSpacing across the files;
+* slices are sorted along the normal ``cross(IOP[0:3], IOP[3:6])`` by the
+  projection of ImagePositionPatient; the slice spacing comes from those positions,
+  never from SliceThickness (which is the reconstructed thickness, not the step);
+* refused: missing positions, duplicated positions (multi-echo / multi-phase mixed
+  into one series), a missing slice (an isolated gap larger than
+  ``GAP_FACTOR`` x the median step), uneven steps (``uneven='keep'`` keeps them:
+  ``slice_positions`` are then authoritative), and gantry tilt (positions that
+  drift in-plane along the stack; ``tilt='keep'`` keeps the slices as acquired and
+  records the angle in ``metadata['gantry_tilt_deg']``).
+
+Values (PS3.3 C.11.1.1.2, Modality LUT): ``stored * RescaleSlope + RescaleIntercept``
+per slice, as float32 (computed exactly in float64 when slope or intercept is not an
+integer). MONOCHROME1 is *not* inverted: Rescale Slope/Intercept give the modality
+values whatever the Photometric Interpretation, which only says how to display them
+(PS3.3 C.7.6.3.1.2); ``metadata['photometric_interpretation']`` records it, and a
+series mixing MONOCHROME1 and MONOCHROME2 is refused.
+
+Decoding: native (uncompressed) little- and big-endian pixel data are read with
+``np.frombuffer`` straight from the file's bytes at the Pixel Data offset found by
+a small header walker (PS3.5 7.1, 7.5) that visits only the top-level data set and
+skips sequences; encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000, RLE, ...) go
+through pydicom's ``pixel_array`` with the pylibjpeg / GDCM plugins. Any file the
+walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
+length that does not add up) is handed to pydicom whole. Files are read and decoded
+in a thread pool; every slice is written into one preallocated float32 array.
+
+Multi-frame instances (Enhanced CT/MR, NumberOfFrames > 1) are refused for now:
+their geometry lives in per-frame functional groups.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicomnode.errors import InconsistentSeriesError, InvalidInstanceError
+from dicomnode.inference.geometry import Volume
+
+logger = logging.getLogger(__name__)
+
+#: A step larger than this many median steps, between regular neighbours, is a missing slice.
+GAP_FACTOR = 1.5
+#: Steps may differ from the median step by this fraction plus ``SPACING_ATOL_MM``.
+SPACING_RTOL = 0.02
+SPACING_ATOL_MM = 0.01
+#: Two slices closer than this along the normal share one position.
+DUPLICATE_TOL_MM = 0.01
+#: In-plane drift of the positions over the series, in pixels, beyond which it is tilted.
+TILT_TOL_PIXELS = 0.1
+#: Direction cosines equal within this (about 0.06 degree).
+ORIENTATION_ATOL = 1e-3
+#: Pixel spacings equal within this relative tolerance.
+PIXEL_SPACING_RTOL = 1e-3
+
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+_OTHER_PIXEL_DATA = (0x7FE00008, 0x7FE00009)  # Float / Double Float Pixel Data
+_MODALITY_LUT_SEQUENCE = 0x00283000
+
+# Top-level attributes read from each file: tag -> (keyword, VR).
+_WANTED: dict[int, tuple[str, str]] = {
+    0x00080008: ("ImageType", "CS"),
+    0x00080016: ("SOPClassUID", "UI"),
+    0x00080018: ("SOPInstanceUID", "UI"),
+    0x00080060: ("Modality", "CS"),
+    0x00180050: ("SliceThickness", "DS"),
+    0x00180088: ("SpacingBetweenSlices", "DS"),
+    0x00181120: ("GantryDetectorTilt", "DS"),
+    0x0020000D: ("StudyInstanceUID", "UI"),
+    0x0020000E: ("SeriesInstanceUID", "UI"),
+    0x00200013: ("InstanceNumber", "IS"),
+    0x00200032: ("ImagePositionPatient", "DS"),
+    0x00200037: ("ImageOrientationPatient", "DS"),
+    0x00200052: ("FrameOfReferenceUID", "UI"),
+    0x00280002: ("SamplesPerPixel", "US"),
+    0x00280004: ("PhotometricInterpretation", "CS"),
+    0x00280008: ("NumberOfFrames", "IS"),
+    0x00280010: ("Rows", "US"),
+    0x00280011: ("Columns", "US"),
+    0x00280030: ("PixelSpacing", "DS"),
+    0x00280100: ("BitsAllocated", "US"),
+    0x00280101: ("BitsStored", "US"),
+    0x00280103: ("PixelRepresentation", "US"),
+    0x00281052: ("RescaleIntercept", "DS"),
+    0x00281053: ("RescaleSlope", "DS"),
+}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _WalkError(Exception):
+    """The fast header walker is unsure of a file; pydicom reads it instead."""
+
+
+@dataclass(slots=True)
+class _Slice:
+    """What one file contributes: its header values and where its pixels are."""
+
+    path: Path
+    attrs: dict[str, object]
+    transfer_syntax: str
+    data: bytes | None  # the file's bytes (native fast path / deferred decode)
+    pixel_offset: int = -1  # >= 0: native pixel data at this offset in ``data``
+    dtype: str = ""  # numpy dtype of the native pixel data
+    dataset: Dataset | None = None  # set when pydicom parsed the whole file
+    has_pixel_data: bool = True
+
+    def get(self, keyword: str, default: object = None) -> object:
+        value = self.attrs.get(keyword)
+        return default if value is None or value == "" else value
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _decode_value(raw: bytes, vr: str, little: bool) -> object:
+    if vr == "US":
+        if len(raw) < 2:
+            return None
+        return int.from_bytes(raw[:2], "little" if little else "big")
+    text = raw.decode("ascii", "replace").strip(" \x00")
+    if vr in ("UI", "CS") and "\\" not in text:
+        return text
+    if vr == "CS":
+        return [part.strip() for part in text.split("\\")]
+    if vr == "UI":
+        return text
+    if not text:
+        return None
+    try:
+        if vr == "IS":
+            return int(float(text.split("\\")[0]))
+        values = [float(part) for part in text.split("\\")]
+    except ValueError:
+        raise _WalkError(f"unparsable {vr} value {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+_STRUCTS = {
+    little: (struct.Struct(f"{e}HHI"), struct.Struct(f"{e}HH2sH"), struct.Struct(f"{e}I"))
+    for little, e in ((True, "<"), (False, ">"))
+}
+
+
+def _walk_elements(
+    data: bytes, pos: int, implicit: bool, little: bool, wanted: dict[int, bytes] | None
+) -> tuple[int, int, int]:
+    """Walk the elements of one data set from ``pos`` (PS3.5 7.1, 7.5).
+
+    Top level (``wanted`` is a dict): stores the raw values of ``_WANTED`` tags in it
+    and stops at Pixel Data, returning (position of its value, its length, 1 if a
+    Modality LUT Sequence was seen); (-1, 0, flag) at the end of the file. In an item
+    (``wanted`` is None): stops after the Item Delimitation Item, returning (position
+    after it, 0, 0). Undefined-length sequences are skipped item by item, recursively.
+    """
+    implicit_hdr, explicit_hdr, u32 = _STRUCTS[little]
+    unpack_implicit, unpack_explicit, unpack_u32 = (
+        implicit_hdr.unpack_from, explicit_hdr.unpack_from, u32.unpack_from
+    )
+    end = len(data)
+    modality_lut = 0
+    while pos + 8 <= end:
+        if implicit:
+            group, elem, length = unpack_implicit(data, pos)
+            vpos, vr = pos + 8, b""
+        else:
+            group, elem, vr, length = unpack_explicit(data, pos)
+            if group == 0xFFFE:  # items and delimiters carry no VR in any encoding
+                group, elem, length = unpack_implicit(data, pos)
+                vpos, vr = pos + 8, b""
+            elif vr in _LONG_VRS:
+                length = unpack_u32(data, pos + 8)[0]
+                vpos = pos + 12
+            else:
+                vpos = pos + 8
+        tag = (group << 16) | elem
+        if wanted is None:
+            if tag == 0xFFFEE00D:
+                return vpos, 0, 0
+        elif tag == _PIXEL_DATA:
+            return vpos, length, modality_lut
+        elif tag in _OTHER_PIXEL_DATA:
+            raise _WalkError("float pixel data")
+        elif tag == _MODALITY_LUT_SEQUENCE:
+            modality_lut = 1
+        if length == _UNDEFINED:
+            # A sequence (or UN holding one, encoded Implicit VR LE: PS3.5 6.2.2) or
+            # encapsulated pixel data in an item: items until the Sequence Delimiter.
+            inner_implicit = implicit or vr == b"UN"
+            pos = vpos
+            while True:
+                group, elem, length = unpack_implicit(data, pos)
+                pos += 8
+                if group != 0xFFFE or elem not in (0xE000, 0xE0DD):
+                    raise _WalkError("expected an item in a sequence")
+                if elem == 0xE0DD:
+                    break
+                if length == _UNDEFINED:
+                    pos = _walk_elements(data, pos, inner_implicit, little, None)[0]
+                else:
+                    pos += length
+                if pos > end:
+                    raise _WalkError("a sequence runs past the end of the file")
+            continue
+        if wanted is not None and tag in _WANTED:
+            wanted[tag] = data[vpos : vpos + length]
+        pos = vpos + length
+    if wanted is None or pos > end:
+        raise _WalkError("the data set runs past the end of the file")
+    return -1, 0, modality_lut
+
+
+def _walk(path: Path, data: bytes) -> _Slice:
+    """Read the header values and find the Pixel Data of a Part 10 file (PS3.10 7.1).
+
+    Visits only the top-level data set and skips sequences; raises ``_WalkError``
+    for anything it does not handle, so that pydicom reads the file instead.
+    """
+    if len(data) < 144 or data[128:132] != b"DICM":
+        raise _WalkError("no Part 10 preamble")
+    pos, end = 132, len(data)
+    transfer_syntax = ""
+    implicit_hdr, explicit_hdr, u32 = _STRUCTS[True]
+    while pos + 8 <= end:  # File Meta Information: always Explicit VR Little Endian
+        group, elem, vr, length = explicit_hdr.unpack_from(data, pos)
+        if group != 0x0002:
+            break
+        vpos = pos + 8
+        if vr in _LONG_VRS:
+            length, vpos = u32.unpack_from(data, pos + 8)[0], pos + 12
+        if length == _UNDEFINED:
+            raise _WalkError("undefined length in the file meta")
+        if elem == 0x0010:
+            transfer_syntax = data[vpos : vpos + length].decode("ascii", "replace").strip(" \x00")
+        pos = vpos + length
+    if transfer_syntax == _IMPLICIT_LE:
+        implicit, little = True, True
+    elif transfer_syntax == _EXPLICIT_BE:
+        implicit, little = False, False
+    elif transfer_syntax and transfer_syntax != _DEFLATED_LE:
+        implicit, little = False, True  # Explicit VR LE and every encapsulated syntax
+    else:
+        raise _WalkError(f"transfer syntax {transfer_syntax or '(none)'} needs pydicom")
+
+    raw: dict[int, bytes] = {}
+    pixel_pos, pixel_length, modality_lut = _walk_elements(data, pos, implicit, little, raw)
+    attrs: dict[str, object] = {}
+    for tag, value in raw.items():
+        keyword, wanted_vr = _WANTED[tag]
+        attrs[keyword] = _decode_value(value, wanted_vr, little)
+    attrs["_modality_lut_sequence"] = bool(modality_lut)
+    item = _Slice(path, attrs, transfer_syntax, data, has_pixel_data=pixel_pos >= 0)
+    if pixel_pos < 0 or pixel_length == _UNDEFINED:
+        return item  # no pixel data (refused later) or encapsulated (pydicom decodes)
+    bits = item.get("BitsAllocated")
+    rows, cols = item.get("Rows"), item.get("Columns")
+    frames, samples = item.get("NumberOfFrames", 1), item.get("SamplesPerPixel", 1)
+    if bits not in (8, 16, 32) or not isinstance(rows, int) or not isinstance(cols, int):
+        raise _WalkError("pixel layout needs pydicom")
+    if not isinstance(frames, int) or not isinstance(samples, int):
+        raise _WalkError("odd NumberOfFrames or SamplesPerPixel")
+    expected = rows * cols * frames * samples * (bits // 8)
+    if pixel_length < expected or pixel_pos + expected > end:
+        raise _WalkError("pixel data shorter than Rows x Columns x BitsAllocated")
+    signed = item.get("PixelRepresentation", 0) == 1
+    item.pixel_offset = pixel_pos
+    item.dtype = ("<" if little else ">") + ("i" if signed else "u") + str(bits // 8)
+    return item
+
+
+def _from_dataset(path: Path, data: bytes) -> _Slice:
+    """Read a file with pydicom (the fallback for anything the walker does not handle)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # pydicom raises many types for malformed files
+        raise InvalidInstanceError(f"{path.name}: not a readable DICOM file: {exc}") from None
+    attrs: dict[str, object] = {}
+    for keyword, _vr in _WANTED.values():
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = [float(v) if _vr == "DS" else str(v) for v in value]
+        elif _vr == "DS":
+            value = float(value)
+        elif _vr in ("IS", "US"):
+            value = int(value)
+        else:
+            value = str(value)
+        attrs[keyword] = value
+    attrs["_modality_lut_sequence"] = "ModalityLUTSequence" in ds
+    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
+    return _Slice(path, attrs, transfer_syntax, None, dataset=ds,
+                  has_pixel_data="PixelData" in ds)
+
+
+def _read_header(path: Path) -> _Slice:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInstanceError(f"{path}: cannot be read: {exc}") from None
+    try:
+        return _walk(path, data)
+    except (_WalkError, struct.error, RecursionError) as exc:
+        logger.debug("%s: read by pydicom (%s)", path.name, exc)
+        return _from_dataset(path, data)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _stored_values(item: _Slice, rows: int, cols: int) -> np.ndarray:
+    """The stored values of one slice as an integer (rows, cols) array (PS3.5 8)."""
+    if item.pixel_offset >= 0 and item.data is not None:
+        arr = np.frombuffer(item.data, dtype=item.dtype, count=rows * cols, offset=item.pixel_offset)
+        arr = arr.reshape(rows, cols)
+        return _mask_unused_bits(arr, item)
+    ds = item.dataset
+    try:
+        if ds is None:
+            assert item.data is not None
+            ds = pydicom.dcmread(io.BytesIO(item.data))
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types
+        name = pydicom.uid.UID(item.transfer_syntax).name if item.transfer_syntax else "?"
+        raise InvalidInstanceError(
+            f"{item.path.name}: pixel data ({name}) could not be decoded: {exc}"
+        ) from None
+    if arr.shape != (rows, cols):
+        raise InvalidInstanceError(
+            f"{item.path.name}: decoded pixel data has shape {arr.shape}, expected {(rows, cols)}"
+        )
+    return arr
+
+
+def _mask_unused_bits(arr: np.ndarray, item: _Slice) -> np.ndarray:
+    """Ignore bits above Bits Stored (PS3.5 8.1.1), as pydicom does; copies only if needed."""
+    bits = 8 * arr.dtype.itemsize
+    stored = item.get("BitsStored", bits)
+    assert isinstance(stored, int)
+    if stored >= bits or stored <= 0:
+        return arr
+    if arr.dtype.kind == "u":
+        if int(arr.max()) < (1 << stored):
+            return arr
+    else:
+        lo, hi = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+        if int(arr.min()) >= lo and int(arr.max()) <= hi:
+            return arr
+    out = arr.astype(arr.dtype.newbyteorder("="), copy=True)
+    np.left_shift(out, bits - stored, out=out)
+    np.right_shift(out, bits - stored, out=out)
+    return out
+
+
+def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
+    """``out[...] = stored * slope + intercept`` (PS3.3 C.11.1.1.2), exact to float32."""
+    if slope == 1.0 and intercept == 0.0:
+        np.copyto(out, stored, casting="unsafe")
+    elif slope.is_integer() and intercept.is_integer() and abs(slope) < 2**16 and abs(intercept) < 2**20:
+        # Integer arithmetic is exact in float32 while |values| < 2**24 (16-bit stored values).
+        np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
+        np.add(out, np.float32(intercept), out=out)
+    else:
+        np.copyto(out, stored * slope + intercept, casting="same_kind")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _check_same(items: list[_Slice], keyword: str, what: str, reasons: list[str]) -> None:
+    counts = Counter(str(item.get(keyword, "(absent)")) for item in items)
+    if len(counts) > 1:
+        detail = ", ".join(f"{n} file(s)" for _, n in counts.most_common())
+        reasons.append(f"mixed {what}: {len(counts)} different values ({detail})")
+
+
+def _vector(item: _Slice, keyword: str, size: int) -> np.ndarray | None:
+    value = item.get(keyword)
+    if not isinstance(value, list) or len(value) != size:
+        return None
+    arr = np.asarray(value, dtype=float)
+    return arr if np.all(np.isfinite(arr)) else None
+
+
+def _pairwise_steps(positions: np.ndarray) -> np.ndarray:
+    return np.diff(positions) if positions.size > 1 else np.zeros(0)
+
+
+def _spacing_reasons(
+    positions: np.ndarray, names: list[str], uneven: str
+) -> tuple[list[str], bool]:
+    """Reasons to refuse the slice steps, and whether they are uneven (kept)."""
+    steps = _pairwise_steps(positions)
+    if steps.size == 0:
+        return [], False
+    reasons: list[str] = []
+    dup = np.flatnonzero(steps < DUPLICATE_TOL_MM)
+    if dup.size:
+        pairs = ", ".join(f"{names[k]} and {names[k + 1]}" for k in dup[:3])
+        more = f" and {dup.size - 3} more" if dup.size > 3 else ""
+        reasons.append(
+            f"duplicated slice positions: {dup.size} pair(s) share a position along the "
+            f"normal ({pairs}{more}); several echoes, phases or acquisitions in one series?"
+        )
+        return reasons, False
+    median = float(np.median(steps))
+    tol = SPACING_RTOL * median + SPACING_ATOL_MM
+    regular = np.abs(steps - median) <= tol
+    missing = []
+    for k in np.flatnonzero(steps > GAP_FACTOR * median):
+        left_ok = k == 0 or regular[k - 1]
+        right_ok = k == steps.size - 1 or regular[k + 1]
+        if left_ok and right_ok and steps.size > 2:
+            missing.append(int(k))
+    for k in missing[:3]:
+        reasons.append(
+            f"missing slice: gap of {steps[k]:.2f} mm ({steps[k] / median:.1f} x the median "
+            f"step {median:.2f} mm) between {names[k]} (at {positions[k]:.2f} mm) and "
+            f"{names[k + 1]} (at {positions[k + 1]:.2f} mm)"
+        )
+    if len(missing) > 3:
+        reasons.append(f"... and {len(missing) - 3} more gaps")
+    irregular = ~regular
+    irregular[missing] = False
+    is_uneven = bool(irregular.any())
+    if is_uneven and uneven == "refuse":
+        reasons.append(
+            f"uneven slice spacing: {int(irregular.sum())} of {steps.size} steps differ from "
+            f"the median {median:.3f} mm by more than {tol:.3f} mm (steps from "
+            f"{steps.min():.3f} to {steps.max():.3f} mm); pass uneven='keep' to keep "
+            f"the slices at their own positions"
+        )
+    return reasons, is_uneven
+
+
+def _tilt(
+    offsets: np.ndarray, heights: np.ndarray, pixel: float, tilt: str, header_tilt: object
+) -> tuple[list[str], float | None, np.ndarray | None]:
+    """Check in-plane drift of the positions along the normal (gantry tilt).
+
+    ``offsets``: (n, 2) in-plane (row, col direction) offsets of each position from
+    slice 0's; ``heights``: (n,) positions along the normal relative to slice 0.
+    Returns (reasons, tilt angle in degrees or None, drift per mm along the normal).
+    """
+    if offsets.shape[0] < 2:
+        return [], None, None
+    drift = float(np.max(np.linalg.norm(offsets, axis=1)))
+    tol = TILT_TOL_PIXELS * pixel
+    if drift <= tol:
+        return [], None, None
+    # Least squares through slice 0: offsets ~ heights * slope (2,)
+    denom = float(heights @ heights)
+    slope = (heights @ offsets) / denom if denom > 0 else np.zeros(2)
+    residual = float(np.max(np.linalg.norm(offsets - np.outer(heights, slope), axis=1)))
+    angle = math.degrees(math.atan(float(np.linalg.norm(slope))))
+    reasons: list[str] = []
+    if residual > tol:
+        reasons.append(
+            f"slice positions do not lie on one line: in-plane offsets up to {drift:.2f} mm "
+            f"that a constant tilt does not explain (residual {residual:.2f} mm)"
+        )
+    elif tilt == "refuse":
+        header = f", GantryDetectorTilt {header_tilt}" if header_tilt is not None else ""
+        reasons.append(
+            f"gantry tilt: positions drift {float(np.linalg.norm(slope)):.3f} mm in-plane per mm "
+            f"along the normal ({angle:.2f} degrees{header}; {drift:.1f} mm over the series); "
+            f"pass tilt='keep' to keep the slices as acquired"
+        )
+    return reasons, angle, slope
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+@dataclass(frozen=True, slots=True)
+class _Geometry:
+    order: list[int]  # file index of slice k
+    rows: int
+    cols: int
+    row: np.ndarray
+    col: np.ndarray
+    normal: np.ndarray
+    heights: np.ndarray  # (n,) sorted positions along the normal
+    origin: np.ndarray
+    spacing: tuple[float, float, float]
+    metadata: dict[str, object]
+
+
+def _map(pool: ThreadPoolExecutor | None, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    if pool is None:
+        return [fn(item) for item in items]
+    return list(pool.map(fn, items))
+
+
+def load_series(
+    paths: Sequence[Path],
+    *,
+    workers: int | None = None,
+    uneven: Literal["refuse", "keep"] = "refuse",
+    tilt: Literal["refuse", "keep"] = "refuse",
+) -> Volume:
+    """Load the files of one image series as a :class:`Volume` (PS3.3 C.7.6.2, C.11.1).
+
+    ``paths``: the instances of one series, in any order. ``workers``: threads that
+    read and decode (default: ``min(8, cpu count)``; 1 reads in this thread).
+    ``uneven``/``tilt``: ``'refuse'`` (default) or ``'keep'``, see the module
+    docstring. Raises InconsistentSeriesError listing every reason the files do not
+    form one volume, InvalidInstanceError for a file that cannot be read or decoded,
+    ValueError naming a bad argument.
+    """
+    if isinstance(paths, (str, Path)) or not paths:
+        raise ValueError("paths: expected a non-empty sequence of file paths")
+    if uneven not in ("refuse", "keep"):
+        raise ValueError(f"uneven: expected 'refuse' or 'keep', got {uneven!r}")
+    if tilt not in ("refuse", "keep"):
+        raise ValueError(f"tilt: expected 'refuse' or 'keep', got {tilt!r}")
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    files = [Path(p) for p in paths]
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="load_series") if workers > 1 and len(files) > 1 else None
+    try:
+        items = _map(pool, _read_header, files)
+        geometry = _geometry(items, uneven, tilt)
+        order, rows, cols = geometry.order, geometry.rows, geometry.cols
+        array = np.empty((len(order), rows, cols), dtype=np.float32)
+        sorted_items = [items[i] for i in order]
+
+        def fill(k: int) -> None:
+            item = sorted_items[k]
+            stored = _stored_values(item, rows, cols)
+            slope = float(item.get("RescaleSlope", 1.0))  # type: ignore[arg-type]
+            intercept = float(item.get("RescaleIntercept", 0.0))  # type: ignore[arg-type]
+            _rescale_into(stored, slope, intercept, array[k])
+            item.data = None  # let the file's bytes go as soon as they are used
+            item.dataset = None
+
+        _map(pool, fill, range(len(order)))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    return _build_volume(array, sorted_items, geometry)
+
+
+def _geometry(items: list[_Slice], uneven: str, tilt: str) -> _Geometry:
+    """Check that ``items`` form one volume and work out its geometry, or refuse."""
+    n = len(items)
+    reasons: list[str] = []
+    names = [item.path.name for item in items]
+
+    frames = [item.get("NumberOfFrames", 1) for item in items]
+    multi = [name for name, f in zip(names, frames, strict=True) if isinstance(f, int) and f > 1]
+    if multi:
+        reasons.append(
+            f"multi-frame instances are not supported yet ({len(multi)} file(s), e.g. {multi[0]} "
+            f"with {frames[names.index(multi[0])]} frames): Enhanced CT/MR geometry is per frame"
+        )
+    no_pixels = [item.path.name for item in items if not item.has_pixel_data]
+    if no_pixels:
+        reasons.append(f"no Pixel Data in {len(no_pixels)} file(s), e.g. {no_pixels[0]}")
+    _check_same(items, "SeriesInstanceUID", "series (SeriesInstanceUID)", reasons)
+    _check_same(items, "FrameOfReferenceUID", "frame of reference (FrameOfReferenceUID)", reasons)
+    _check_same(items, "Rows", "image size (Rows)", reasons)
+    _check_same(items, "Columns", "image size (Columns)", reasons)
+    _check_same(items, "PhotometricInterpretation", "photometric interpretation", reasons)
+    samples = {item.get("SamplesPerPixel", 1) for item in items}
+    if samples != {1}:
+        reasons.append(f"only grayscale images (SamplesPerPixel 1) are supported, found {sorted(map(str, samples))}")
+    if any(item.get("_modality_lut_sequence", False) for item in items):
+        reasons.append("a Modality LUT Sequence (0028,3000) is not supported; only Rescale Slope/Intercept")
+
+    iops = [_vector(item, "ImageOrientationPatient", 6) for item in items]
+    ipps = [_vector(item, "ImagePositionPatient", 3) for item in items]
+    spacings = [_vector(item, "PixelSpacing", 2) for item in items]
+    for keyword, values in (("ImagePositionPatient", ipps), ("ImageOrientationPatient", iops),
+                            ("PixelSpacing", spacings)):
+        absent = [name for name, v in zip(names, values, strict=True) if v is None]
+        if absent:
+            reasons.append(f"missing or invalid {keyword} in {len(absent)} file(s), e.g. {absent[0]}")
+    if reasons:
+        raise InconsistentSeriesError(reasons)
+
+    iop0, ps0 = iops[0], spacings[0]
+    assert iop0 is not None and ps0 is not None
+    if any(not np.allclose(v, iop0, rtol=0, atol=ORIENTATION_ATOL) for v in iops):  # type: ignore[arg-type]
+        count = sum(not np.allclose(v, iop0, rtol=0, atol=ORIENTATION_ATOL) for v in iops)  # type: ignore[arg-type]
+        reasons.append(f"mixed orientation: {count} file(s) differ from {names[0]}'s ImageOrientationPatient")
+    if any(not np.allclose(v, ps0, rtol=PIXEL_SPACING_RTOL, atol=0) for v in spacings):  # type: ignore[arg-type]
+        reasons.append("mixed pixel spacing (PixelSpacing)")
+    row, col = iop0[:3], iop0[3:]
+    if (abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01
+            or abs(float(row @ col)) > 0.01):
+        reasons.append(f"ImageOrientationPatient is not two orthogonal unit vectors: {iop0.tolist()}")
+    if ps0.min() <= 0:
+        reasons.append(f"PixelSpacing must be positive, got {ps0.tolist()}")
+    if reasons:
+        raise InconsistentSeriesError(reasons)
+
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row
+    col = col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    positions = np.stack(ipps)  # type: ignore[arg-type]
+    heights = positions @ normal
+    order = [int(i) for i in np.argsort(heights, kind="stable")]
+    heights = heights[order]
+    positions = positions[order]
+    sorted_names = [names[i] for i in order]
+
+    spacing_reasons, is_uneven = _spacing_reasons(heights, sorted_names, uneven)
+    reasons += spacing_reasons
+    rel = positions - positions[0]
+    offsets = np.stack([rel @ row, rel @ col], axis=1)
+    header_tilt = items[order[0]].get("GantryDetectorTilt")
+    tilt_reasons, angle, drift = _tilt(offsets, heights - heights[0], float(ps0.min()), tilt, header_tilt)
+    if not spacing_reasons or not spacing_reasons[0].startswith("duplicated"):
+        reasons += tilt_reasons
+    if reasons:
+        raise InconsistentSeriesError(reasons)
+
+    first = items[order[0]]
+    if n > 1:
+        slice_spacing = float(heights[-1] - heights[0]) / (n - 1)
+    else:
+        fallback = first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0
+        slice_spacing = float(fallback)  # type: ignore[arg-type]
+    metadata: dict[str, object] = {
+        "image_positions": positions,
+        "photometric_interpretation": str(first.get("PhotometricInterpretation", "")),
+        "transfer_syntaxes": tuple(sorted({item.transfer_syntax for item in items})),
+        "instance_numbers": tuple(items[i].get("InstanceNumber") for i in order),
+    }
+    if is_uneven:
+        steps = np.diff(heights)
+        metadata["uneven_spacing"] = True
+        metadata["slice_steps"] = steps
+        logger.info("uneven slice spacing kept: steps %.3f..%.3f mm", steps.min(), steps.max())
+    if angle is not None and drift is not None:
+        direction = normal + drift[0] * row + drift[1] * col
+        metadata["gantry_tilt_deg"] = angle
+        metadata["stack_direction"] = direction / np.linalg.norm(direction)
+        logger.info("gantry tilt %.2f degrees kept: slices as acquired (sheared)", angle)
+    image_type = first.get("ImageType")
+    if isinstance(image_type, list) and "MOSAIC" in image_type:
+        metadata["mosaic"] = True
+        logger.warning("mosaic image loaded as acquired (tiles are not unpacked)")
+    if metadata["photometric_interpretation"] == "MONOCHROME1":
+        logger.info("MONOCHROME1 series: values are rescaled modality values, not inverted")
+    return _Geometry(
+        order=order,
+        rows=int(first.get("Rows")),  # type: ignore[call-overload]
+        cols=int(first.get("Columns")),  # type: ignore[call-overload]
+        row=row, col=col, normal=normal, heights=heights, origin=positions[0],
+        spacing=(slice_spacing, float(ps0[0]), float(ps0[1])),
+        metadata=metadata,
+    )
+
+
+def _build_volume(array: np.ndarray, items: list[_Slice], geometry: _Geometry) -> Volume:
+    first = items[0]
+    return Volume(
+        array=array,
+        origin=np.asarray(geometry.origin, dtype=float),
+        row_direction=geometry.row,
+        col_direction=geometry.col,
+        slice_direction=geometry.normal,
+        spacing=geometry.spacing,
+        slice_positions=np.asarray(geometry.heights, dtype=float),
+        sop_instance_uids=tuple(str(item.get("SOPInstanceUID", "")) for item in items),
+        study_uid=str(first.get("StudyInstanceUID", "")),
+        series_uid=str(first.get("SeriesInstanceUID", "")),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        metadata=geometry.metadata,
+    )
