@@ -39,3 +39,18 @@ class InvalidInstanceError(DicomNodeError):
 
 class DestinationError(DicomNodeError):
     """A destination string or peer could not be parsed or reached."""
+
+
+class InconsistentSeriesError(DicomNodeError):
+    """A set of instances does not form one regular volume (PS3.3 C.7.6.2).
+
+    ``reasons`` lists every human-readable reason found (mixed series, orientation
+    or size, missing or duplicated positions, a missing slice, uneven spacing,
+    gantry tilt, ...), so that one refusal tells the whole story.
+    """
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = list(reasons)
+        lines = ["the instances do not form one volume:"]
+        lines += [f"  {reason}" for reason in self.reasons]
+        super().__init__("\n".join(lines))

@@ -31,8 +31,10 @@ a small header walker (PS3.5 7.1, 7.5) that visits only the top-level data set a
 skips sequences; encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000, RLE, ...) go
 through pydicom's ``pixel_array`` with the pylibjpeg / GDCM plugins. Any file the
 walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
-length that does not add up) is handed to pydicom whole. Files are read and decoded
-in a thread pool; every slice is written into one preallocated float32 array.
+length that does not add up) is handed to pydicom whole. Headers and native slices
+are read in the calling thread (from the page cache this beats threads contending for
+the GIL); compressed slices are decoded in a thread pool; every slice is written into
+one preallocated float32 array.
 
 Multi-frame instances (Enhanced CT/MR, NumberOfFrames > 1) are refused for now:
 their geometry lives in per-frame functional groups.
@@ -46,11 +48,11 @@ import math
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -114,10 +116,6 @@ _WANTED: dict[int, tuple[str, str]] = {
     0x00281052: ("RescaleIntercept", "DS"),
     0x00281053: ("RescaleSlope", "DS"),
 }
-
-T = TypeVar("T")
-R = TypeVar("R")
-
 
 class _WalkError(Exception):
     """The fast header walker is unsure of a file; pydicom reads it instead."""
@@ -385,13 +383,24 @@ def _mask_unused_bits(arr: np.ndarray, item: _Slice) -> np.ndarray:
 
 
 def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
-    """``out[...] = stored * slope + intercept`` (PS3.3 C.11.1.1.2), exact to float32."""
-    if slope == 1.0 and intercept == 0.0:
+    """``out[...] = stored * slope + intercept`` (PS3.3 C.11.1.1.2), exact to float32.
+
+    Integer slope and intercept on 8/16-bit values stay below 2**24, where float32
+    arithmetic is exact: convert in place, then scale and shift in place (cheapest on
+    fresh memory). Anything else is computed in float64 and rounded once.
+    """
+    exact = (
+        stored.dtype.itemsize <= 2
+        and slope.is_integer()
+        and intercept.is_integer()
+        and 65536 * abs(slope) + abs(intercept) < 2**24
+    )
+    if exact:
         np.copyto(out, stored, casting="unsafe")
-    elif slope.is_integer() and intercept.is_integer() and abs(slope) < 2**16 and abs(intercept) < 2**20:
-        # Integer arithmetic is exact in float32 while |values| < 2**24 (16-bit stored values).
-        np.multiply(stored, np.float32(slope), out=out, casting="unsafe")
-        np.add(out, np.float32(intercept), out=out)
+        if slope != 1.0:
+            np.multiply(out, np.float32(slope), out=out)
+        if intercept != 0.0:
+            np.add(out, np.float32(intercept), out=out)
     else:
         np.copyto(out, stored * slope + intercept, casting="same_kind")
 
@@ -518,12 +527,6 @@ class _Geometry:
     metadata: dict[str, object]
 
 
-def _map(pool: ThreadPoolExecutor | None, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    if pool is None:
-        return [fn(item) for item in items]
-    return list(pool.map(fn, items))
-
-
 def load_series(
     paths: Sequence[Path],
     *,
@@ -534,7 +537,8 @@ def load_series(
     """Load the files of one image series as a :class:`Volume` (PS3.3 C.7.6.2, C.11.1).
 
     ``paths``: the instances of one series, in any order. ``workers``: threads that
-    read and decode (default: ``min(8, cpu count)``; 1 reads in this thread).
+    decode encapsulated (compressed) pixel data (default ``min(8, cpu count)``; 1
+    decodes in this thread); headers and native pixel data are read in this thread.
     ``uneven``/``tilt``: ``'refuse'`` (default) or ``'keep'``, see the module
     docstring. Raises InconsistentSeriesError listing every reason the files do not
     form one volume, InvalidInstanceError for a file that cannot be read or decoded,
@@ -552,28 +556,36 @@ def load_series(
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     files = [Path(p) for p in paths]
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="load_series") if workers > 1 and len(files) > 1 else None
-    try:
-        items = _map(pool, _read_header, files)
-        geometry = _geometry(items, uneven, tilt)
-        order, rows, cols = geometry.order, geometry.rows, geometry.cols
-        array = np.empty((len(order), rows, cols), dtype=np.float32)
-        sorted_items = [items[i] for i in order]
+    # Headers in this thread: from the page cache, reading + walking is faster serially
+    # than handed to threads that contend for the GIL (measured, bench/volume.py).
+    items = [_read_header(path) for path in files]
+    geometry = _geometry(items, uneven, tilt)
+    rows, cols = geometry.rows, geometry.cols
+    array = np.empty((len(items), rows, cols), dtype=np.float32)
+    sorted_items = [items[i] for i in geometry.order]
 
-        def fill(k: int) -> None:
-            item = sorted_items[k]
-            stored = _stored_values(item, rows, cols)
-            slope = float(item.get("RescaleSlope", 1.0))  # type: ignore[arg-type]
-            intercept = float(item.get("RescaleIntercept", 0.0))  # type: ignore[arg-type]
-            _rescale_into(stored, slope, intercept, array[k])
-            item.data = None  # let the file's bytes go as soon as they are used
-            item.dataset = None
+    def fill(k: int) -> None:
+        item = sorted_items[k]
+        stored = _stored_values(item, rows, cols)
+        slope = float(item.get("RescaleSlope", 1.0))  # type: ignore[arg-type]
+        intercept = float(item.get("RescaleIntercept", 0.0))  # type: ignore[arg-type]
+        _rescale_into(stored, slope, intercept, array[k])
+        item.data = None  # let the file's bytes go as soon as they are used
+        item.dataset = None
 
-        _map(pool, fill, range(len(order)))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-
+    # Native slices: one copy-convert each, memory-bound, here. Encapsulated slices:
+    # decoded by pydicom's plugins in a thread pool.
+    native = [k for k, item in enumerate(sorted_items) if item.pixel_offset >= 0]
+    encoded = [k for k, item in enumerate(sorted_items) if item.pixel_offset < 0]
+    for k in native:
+        fill(k)
+    if len(encoded) > 1 and workers > 1:
+        with ThreadPoolExecutor(min(workers, len(encoded)), thread_name_prefix="load_series") as pool:
+            list(pool.map(fill, encoded))
+    else:
+        for k in encoded:
+            fill(k)
+    logger.debug("loaded %d slices (%d native, %d encapsulated)", len(items), len(native), len(encoded))
     return _build_volume(array, sorted_items, geometry)
 
 
@@ -615,12 +627,16 @@ def _geometry(items: list[_Slice], uneven: str, tilt: str) -> _Geometry:
     if reasons:
         raise InconsistentSeriesError(reasons)
 
-    iop0, ps0 = iops[0], spacings[0]
-    assert iop0 is not None and ps0 is not None
-    if any(not np.allclose(v, iop0, rtol=0, atol=ORIENTATION_ATOL) for v in iops):  # type: ignore[arg-type]
-        count = sum(not np.allclose(v, iop0, rtol=0, atol=ORIENTATION_ATOL) for v in iops)  # type: ignore[arg-type]
-        reasons.append(f"mixed orientation: {count} file(s) differ from {names[0]}'s ImageOrientationPatient")
-    if any(not np.allclose(v, ps0, rtol=PIXEL_SPACING_RTOL, atol=0) for v in spacings):  # type: ignore[arg-type]
+    iop_all = np.stack(iops)  # type: ignore[arg-type]
+    ps_all = np.stack(spacings)  # type: ignore[arg-type]
+    iop0, ps0 = iop_all[0], ps_all[0]
+    off_orientation = int(np.sum(np.any(np.abs(iop_all - iop0) > ORIENTATION_ATOL, axis=1)))
+    if off_orientation:
+        reasons.append(
+            f"mixed orientation: {off_orientation} file(s) differ from {names[0]}'s "
+            f"ImageOrientationPatient by more than {ORIENTATION_ATOL}"
+        )
+    if np.any(np.abs(ps_all - ps0) > PIXEL_SPACING_RTOL * np.abs(ps0)):
         reasons.append("mixed pixel spacing (PixelSpacing)")
     row, col = iop0[:3], iop0[3:]
     if (abs(np.linalg.norm(row) - 1) > 0.01 or abs(np.linalg.norm(col) - 1) > 0.01
