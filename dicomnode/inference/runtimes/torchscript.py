@@ -1,0 +1,262 @@
+"""TorchScript runtime: a scripted/traced segmentation network in the model folder.
+
+The manifest names the file (``weights: model.ts``); it is loaded once with
+``torch.jit.load(map_location=device)``, put in eval mode and kept there (warm).
+Each ``predict`` feeds ``Volume.array`` ``(k, i, j)`` as a ``(1, 1, k, i, j)`` float
+tensor (so the network must have been trained on that layout: slice axis first,
+then rows, then columns; see :mod:`dicomnode.inference.runtimes.monai_bundle` for
+how this differs from MONAI's usual ``(x, y, z)``), optionally windowed to ``[0, 1]``
+by ``manifest.intensity_window``, run whole or, when ``manifest.patch_size`` is set,
+by MONAI's ``sliding_window_inference`` (overlap 0.25, constant blending: the
+defaults of ``monai.inferers.SlidingWindowInferer``), under ``torch.inference_mode``
+and, on CUDA, ``torch.autocast`` (float16). Output channel ``c`` becomes label value
+``c`` of the manifest; channels the manifest does not name become background.
+
+The small helpers at the top are shared with the MONAI bundle runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dicomnode.errors import ConfigError
+from dicomnode.inference.geometry import Volume
+from dicomnode.inference.manifest import Manifest
+from dicomnode.inference.runtime import ModelRuntime, Prediction
+
+if TYPE_CHECKING:  # torch is imported lazily: nothing heavy at import time
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: MONAI SlidingWindowInferer defaults, used when only ``manifest.patch_size`` is given.
+SW_OVERLAP = 0.25
+SW_BATCH_SIZE = 4
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def file_in_model_dir(model_dir: Path, relative: str, what: str) -> Path:
+    """``model_dir / relative``, refusing paths that leave the folder or do not exist.
+
+    Raises :class:`ConfigError` naming ``what`` (the manifest field or bundle part).
+    """
+    root = Path(model_dir).resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ConfigError(str(model_dir), [(what, f"{relative!r} is outside the model folder")])
+    if not path.is_file():
+        raise ConfigError(str(model_dir), [(what, f"file not found: {relative}")])
+    return path
+
+
+def check_device(model_dir: Path, device: str) -> None:
+    """Raise :class:`ConfigError` when ``device`` is CUDA and CUDA is not usable."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(str(model_dir), [("device", f"{device!r} asked for, CUDA not available")])
+
+
+def autocast(device: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision (float16) on CUDA; a no-op elsewhere."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def volume_tensor(volume: Volume, device: str) -> torch.Tensor:
+    """``Volume.array`` ``(k, i, j)`` as a float32 ``(1, k, i, j)`` channel-first tensor."""
+    import torch
+
+    arr = np.ascontiguousarray(volume.array, dtype=np.float32)
+    if arr.ndim != 3:
+        raise ValueError(f"volume.array must be 3-D (k, i, j), got shape {arr.shape}")
+    return torch.from_numpy(arr)[None].to(device)
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """The logits tensor of a network output (deep-supervision tuples/dicts: the first)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    elif isinstance(out, dict):
+        out = next(iter(out.values()))
+    return out
+
+
+def channel_lookup(
+    manifest: Manifest,
+    num_channels: int,
+    source: str,
+    channel_names: dict[int, str] | None = None,
+) -> np.ndarray:
+    """A lookup table ``lut[channel] -> label value`` (uint8) for an argmax map.
+
+    Channel 0 is background. A channel ``c >= 1`` maps to the manifest label whose
+    name equals ``channel_names[c]`` (case-insensitive) when names are given and one
+    matches, else to the label whose value is ``c``, else to background (logged).
+    Raises :class:`ConfigError` when a manifest label gets no channel.
+    """
+    by_name = {label.name.casefold(): label.value for label in manifest.labels}
+    by_value = {label.value for label in manifest.labels}
+    lut = np.zeros(num_channels, dtype=np.uint8)
+    for c in range(1, num_channels):
+        name = (channel_names or {}).get(c)
+        if name is not None and name.casefold() in by_name:
+            lut[c] = by_name[name.casefold()]
+        elif c in by_value:
+            lut[c] = c
+        else:
+            logger.warning(
+                "%s: output channel %d (%s) has no manifest label; ignored", source, c, name
+            )
+    missing = sorted(by_value - set(int(v) for v in lut[1:]))
+    if missing:
+        raise ConfigError(
+            source,
+            [
+                (
+                    "labels",
+                    f"label value(s) {missing} have no output channel (network has {num_channels})",
+                )
+            ],
+        )
+    return lut
+
+
+def measure(
+    labels: np.ndarray, manifest: Manifest, voxel_volume_ml: float
+) -> dict[str, dict[str, tuple[float, str]]]:
+    """Per-label and total volume (``ml``) and voxel count (``{voxels}``), UCUM units."""
+    counts = np.bincount(labels.ravel(), minlength=256)
+    out: dict[str, dict[str, tuple[float, str]]] = {}
+    total = 0
+    for label in manifest.labels:
+        n = int(counts[label.value])
+        total += n
+        out[label.name] = {
+            "volume": (n * voxel_volume_ml, "ml"),
+            "voxel_count": (float(n), "{voxels}"),
+        }
+    out["total"] = {
+        "volume": (total * voxel_volume_ml, "ml"),
+        "voxel_count": (float(total), "{voxels}"),
+    }
+    return out
+
+
+def run_network(
+    x: torch.Tensor,
+    infer: Callable[[torch.Tensor], Any],
+    device: str,
+) -> tuple[np.ndarray, int]:
+    """Run ``infer`` on a ``(1, C, k, i, j)`` input.
+
+    Returns the argmax channel map ``(k, i, j)`` on the CPU and the number of channels.
+    """
+    import torch
+
+    with torch.inference_mode(), autocast(device):
+        logits = first_output(infer(x))
+    if logits.ndim != 5 or logits.shape[0] != 1 or tuple(logits.shape[2:]) != tuple(x.shape[2:]):
+        raise ValueError(
+            f"network output shape {tuple(logits.shape)} does not match input {tuple(x.shape)}"
+        )
+    channels = logits.shape[1]
+    if channels < 2:
+        raise ValueError(
+            f"network output has {channels} channel(s); argmax needs background + labels"
+        )
+    arg = torch.argmax(logits, dim=1)[0]
+    return arg.to(torch.uint8 if channels <= 256 else torch.int64).cpu().numpy(), channels
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class TorchScriptRuntime(ModelRuntime):
+    """Runs a TorchScript segmentation network named by ``manifest.weights``."""
+
+    def __init__(self, manifest: Manifest, model_dir: Path, device: str) -> None:
+        super().__init__(manifest, model_dir, device)
+        self._module: Any = None
+        self._lut: np.ndarray | None = None
+
+    def load(self) -> None:
+        """Load ``manifest.weights`` onto ``self.device`` once, in eval mode."""
+        import torch
+
+        if self.manifest.weights is None:
+            raise ConfigError(
+                str(self.model_dir), [("weights", "required for runtime 'torchscript'")]
+            )
+        check_device(self.model_dir, self.device)
+        path = file_in_model_dir(self.model_dir, self.manifest.weights, "weights")
+        try:
+            module = torch.jit.load(str(path), map_location=self.device)
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(
+                str(self.model_dir),
+                [("weights", f"{self.manifest.weights}: not a TorchScript file ({exc})")],
+            ) from None
+        module.eval()
+        self._module = module
+        logger.info(
+            "loaded TorchScript model %s %s from %s on %s",
+            self.manifest.name,
+            self.manifest.version,
+            path.name,
+            self.device,
+        )
+
+    def _prepare(self, volume: Volume) -> torch.Tensor:
+        x = volume_tensor(volume, self.device)
+        if self.manifest.intensity_window is not None:
+            lo, hi = self.manifest.intensity_window
+            x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
+        return x[None]
+
+    def _infer(self, x: torch.Tensor) -> Any:
+        if self.manifest.patch_size is None:
+            return self._module(x)
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(
+            x,
+            roi_size=self.manifest.patch_size,
+            sw_batch_size=SW_BATCH_SIZE,
+            predictor=self._module,
+            overlap=SW_OVERLAP,
+        )
+
+    def predict(self, volume: Volume) -> Prediction:
+        """Segment one volume; labels in the volume's (k, i, j) grid."""
+        if self._module is None:
+            raise RuntimeError("TorchScriptRuntime.predict() called before load()")
+        start = time.perf_counter()
+        arg, channels = run_network(self._prepare(volume), self._infer, self.device)
+        if self._lut is None or len(self._lut) != channels:
+            self._lut = channel_lookup(self.manifest, channels, str(self.model_dir))
+        labels = self._lut[arg]
+        seconds = time.perf_counter() - start
+        logger.info(
+            "%s: %s in %.2f s on %s", self.manifest.name, volume.shape, seconds, self.device
+        )
+        return Prediction(
+            labels=labels,
+            measurements=measure(labels, self.manifest, volume.voxel_volume_ml),
+            model_name=self.manifest.name,
+            model_version=self.manifest.version,
+            device=self.device,
+            seconds=seconds,
+        )
