@@ -28,6 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicomnode.config import NodeConfig
 from dicomnode.index import Index
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
+from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
 from dicomnode.pipeline import InferenceWorker, ModelPool, RoutingSink
@@ -65,6 +66,7 @@ class Node:
         self._workers: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._stopping = False
+        self._running_marker: Path | None = None
 
     # -- startup ----------------------------------------------------------------
 
@@ -75,6 +77,13 @@ class Node:
         if removed:
             LOG.warning("removed %d partial files left by an earlier crash", removed)
         self.index = Index(Index.path_for(cfg.storage))
+        self._running_marker = Path(cfg.storage) / ".running"
+        if self._running_marker.exists():
+            LOG.warning("the previous run did not shut down cleanly; checking the index")
+            reconcile(self.index, self.spool)
+        fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT, 0o640)
+        os.fsync(fd)
+        os.close(fd)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.start()
         if self._default_sink:
@@ -196,5 +205,10 @@ class Node:
             self.queue.close()
         if self.index is not None:
             self.index.close()
+            try:
+                if self._running_marker is not None:
+                    self._running_marker.unlink()
+            except OSError:
+                pass
         LOG.info("shut down cleanly")
 

@@ -10,31 +10,26 @@ Success. Errors become a DIMSE status here and nowhere else.
 
 from __future__ import annotations
 
-import io
 import logging
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.tag import Tag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import __version__
 from dicomnode.config import NodeConfig
 from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
 from dicomnode.index import Index, InstanceRecord
+from dicomnode.ingest.header import encode_file_meta, read_header
+from dicomnode.ingest.reactor import FastRequestHandler
 from dicomnode.ingest.spool import Spool, validate_uid
 
 LOG = logging.getLogger(__name__)
@@ -49,90 +44,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_PROCESSING_FAILURE = 0x0110
-
-_STUDY_UID = Tag(0x0020, 0x000D)
-_SERIES_UID = Tag(0x0020, 0x000E)
-_SOP_INSTANCE_UID = Tag(0x0008, 0x0018)
-_STUDY_RELATED_INSTANCES = Tag(0x0020, 0x1208)
-_HEADER_TAGS = [_SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID, _STUDY_RELATED_INSTANCES]
-_LAST_HEADER_TAG = _STUDY_RELATED_INSTANCES
-_DEFLATE_HEADER_LIMIT = 16 << 20
-
-# Accept any storage SOP class, including private and future ones.
-_config.UNRESTRICTED_STORAGE_SERVICE = True
-_config.LOG_HANDLER_LEVEL = "none"
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderInfo:
-    """The attributes the receive path needs, read without decoding the dataset."""
-
-    sop_instance_uid: str | None
-    study_uid: str
-    series_uid: str
-    expected_count: int | None
-
-
-def read_header(data: bytes | memoryview, transfer_syntax: UID) -> HeaderInfo:
-    """Read Study/Series UIDs (and a few others) from an encoded dataset.
-
-    Stops parsing after (0020,1208), so the cost does not grow with the pixel data.
-    Raises InvalidInstanceError with a reason when the header cannot be parsed.
-    """
-    raw: bytes | memoryview = data
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _DEFLATE_HEADER_LIMIT)
-        except zlib.error as exc:
-            raise InvalidInstanceError(f"deflated dataset cannot be inflated: {exc}") from None
-    implicit = transfer_syntax.is_implicit_VR if transfer_syntax.is_transfer_syntax else False
-    little = transfer_syntax.is_little_endian if transfer_syntax.is_transfer_syntax else True
-    try:
-        ds = read_dataset(
-            io.BytesIO(raw),
-            implicit,
-            little,
-            stop_when=lambda tag, vr, length: tag > _LAST_HEADER_TAG,
-            specific_tags=_HEADER_TAGS,
-        )
-        study = ds.get(_STUDY_UID)
-        series = ds.get(_SERIES_UID)
-        sop = ds.get(_SOP_INSTANCE_UID)
-        count = ds.get(_STUDY_RELATED_INSTANCES)
-        study_v = str(study.value) if study is not None and study.value else None
-        series_v = str(series.value) if series is not None and series.value else None
-        sop_v = str(sop.value) if sop is not None and sop.value else None
-        count_v = int(count.value) if count is not None and count.value not in (None, "") else None
-    except InvalidInstanceError:
-        raise
-    except RecursionError:
-        raise InvalidInstanceError("dataset nests sequences too deeply to be read") from None
-    except Exception as exc:  # pydicom raises many types on malformed input
-        raise InvalidInstanceError(f"dataset header cannot be parsed: {exc}") from None
-    if study_v is None:
-        raise InvalidInstanceError("Study Instance UID (0020,000D) is missing")
-    if series_v is None:
-        raise InvalidInstanceError("Series Instance UID (0020,000E) is missing")
-    return HeaderInfo(sop_v, study_v, series_v, count_v if count_v and count_v > 0 else None)
-
-
-def encode_file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str
-) -> bytes:
-    """Preamble, 'DICM' and the File Meta Information group (PS3.10 7.1)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    buf = io.BytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return buf.getvalue()
-
 
 class NodeACSE(ACSE):
     """ACSE that also enforces the config's allowlist of callers (AE title + host).
@@ -160,8 +71,8 @@ class NodeACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
-class NodeRequestHandler(RequestHandler):
-    """Creates associations that carry the node's policy and use NodeACSE."""
+class NodeRequestHandler(FastRequestHandler):
+    """Creates event-driven associations that carry the node's policy and use NodeACSE."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -228,6 +139,10 @@ class StoreSCP:
     # -- lifecycle ------------------------------------------------------------
 
     def _make_ae(self) -> AE:
+        # Accept any storage SOP class, including private and future ones, and keep
+        # pynetdicom's per-PDU logging out of the hot path (process-wide settings).
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        _config.LOG_HANDLER_LEVEL = "none"
         ic = self.config.ingest
         ae = AE(ae_title=self.config.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
@@ -375,7 +290,7 @@ class StoreSCP:
         try:
             validate_uid(sop_class, "Affected SOP Class UID")
             sop_uid = validate_uid(sop_uid_cmd, "Affected SOP Instance UID")
-            header = read_header(data, UID(transfer_syntax))
+            header = read_header(data, transfer_syntax)
             if header.sop_instance_uid is not None and header.sop_instance_uid != sop_uid:
                 raise InvalidInstanceError(
                     "SOP Instance UID in the dataset differs from the command's"
@@ -393,7 +308,10 @@ class StoreSCP:
             return STATUS_SUCCESS
 
         try:
-            meta = encode_file_meta(sop_class, sop_uid, str(transfer_syntax), calling_ae)
+            meta = encode_file_meta(
+                sop_class, sop_uid, str(transfer_syntax), IMPLEMENTATION_CLASS_UID,
+                IMPLEMENTATION_VERSION_NAME, calling_ae,
+            )
             size = self.spool.store(target, (meta, data))
             self.index.add_instance(
                 InstanceRecord(

@@ -1,0 +1,307 @@
+"""Event-driven association reactors for the acceptor side (pynetdicom 3.0.x).
+
+Stock pynetdicom polls: the association reactor sleeps 1 ms per loop before
+looking for a DIMSE message, and the DUL reactor sleeps 1 ms and polls the socket
+when idle, which adds milliseconds of latency to every C-STORE. Here:
+
+* ``FastAssociation`` waits on a ``threading.Event`` set whenever a complete DIMSE
+  message or an ACSE primitive is queued for it;
+* ``FastDUL`` blocks in ``select()`` on the peer socket plus a wake-up pipe written
+  whenever a primitive is queued to send;
+* ``FastAssociationSocket`` reads each PDU with ``recv_into`` into one buffer.
+
+The checks each loop makes (DIMSE message, A-RELEASE, abort, DUL alive, network
+idle timeout, ARTIM) and their order are pynetdicom's own; timers are still noticed
+within ``IDLE_POLL_S``. These classes override private pynetdicom methods, so the
+project pins pynetdicom to the version they were written for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+from collections.abc import Callable
+from copy import deepcopy
+from datetime import datetime
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+LOG = logging.getLogger(__name__)
+
+#: Longest sleep without a wake-up: bounds how late ARTIM / idle timeouts and a
+#: dead DUL thread are noticed. Traffic, release and abort wake the reactors at once.
+IDLE_POLL_S = 0.05
+
+
+class _SignallingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A :class:`queue.Queue` that calls `notify` after every ``put()``."""
+
+    def __init__(self, notify: Callable[[], None]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._notify()
+
+
+class FastDUL(DULServiceProvider):
+    """DUL provider that blocks in ``select()`` instead of sleep-polling.
+
+    The reactor waits for: data on the peer socket, a byte on an internal wake
+    pipe (written whenever a primitive is queued to ``to_provider_queue`` or the
+    DUL is asked to stop), or :data:`IDLE_POLL_S` (so ARTIM expiry is still
+    checked). The loop body is identical to pynetdicom's.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.to_provider_queue = _SignallingQueue(self._wake)  # type: ignore[assignment]
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # pipe full (already woken) or closed (reactor gone)
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wait_idle(self) -> None:
+        """Block until socket data, a wake-up, or IDLE_POLL_S."""
+        fds: list[Any] = [self._wake_r]
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is not None and self.socket._is_connected:  # type: ignore[union-attr]
+            pending = getattr(sock, "pending", None)  # ssl.SSLSocket buffers data
+            if pending is not None and pending():
+                return
+            fds.append(sock)
+        try:
+            ready, _, _ = select.select(fds, [], [], IDLE_POLL_S)
+        except (OSError, ValueError):
+            # Socket closed under us; let _is_transport_event()/ready emit Evt17
+            return
+        if self._wake_r in ready:
+            self._drain_wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+            if threading.current_thread() is not self:
+                self.join()
+            return True
+        return False
+
+    def run_reactor(self) -> None:
+        try:
+            self._run_reactor_inner()
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r = self._wake_w = -1
+
+    def _run_reactor_inner(self) -> None:
+        self._idle_timer.start()
+        assert self.socket is not None
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+
+            if idle:
+                self._wait_idle()
+
+            if self._kill_thread:
+                break
+
+            # ARTIM first, so its event is queued ahead of anything else
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # identical to pynetdicom's handling
+                LOG.error("Exception in DUL.run(), aborting association")
+                LOG.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+
+            self.state_machine.do_action(event)
+            idle = False
+
+
+class FastAssociationSocket(AssociationSocket):
+    """``recv()`` straight into one buffer of the requested size."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            n = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not n:  # connection closed, return what we have (as stock)
+                del view
+                del buf[nr_read:]
+                return buf
+            nr_read += n
+        return buf
+
+
+class FastAssociation(Association):
+    """Acceptor ``Association`` with an event-driven reactor loop.
+
+    The reactor sleeps on ``self._wake`` which is set whenever
+    ``dimse.msg_queue`` or ``dul.to_user_queue`` receives an item, the
+    association is killed, or at most every :data:`IDLE_POLL_S` seconds.
+    The checks done per loop (DIMSE message, peer A-RELEASE, abort, DUL alive,
+    network idle timeout) and their order are exactly pynetdicom's.
+    """
+
+    def __init__(self, ae: AE, mode: str) -> None:
+        super().__init__(ae, mode)
+        self._wake = threading.Event()
+        # Replace the DUL (not started yet) and re-apply the timeouts that the
+        # base __init__ pushed into the old DUL's timers.
+        self.dul = FastDUL(self)
+        self.dul.to_user_queue = _SignallingQueue(self._wake.set)  # type: ignore[assignment]
+        self.dimse.msg_queue = _SignallingQueue(self._wake.set)  # type: ignore[assignment]
+        self.acse_timeout = self.ae.acse_timeout
+        self.network_timeout = self.ae.network_timeout
+
+    def kill(self) -> None:
+        self._wake.set()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            # Idle wait happens *inside* the paused section, so a thread that
+            # calls release()/abort()/send_*() on this association does not
+            # have to wait for the timeout.
+            self._is_paused = True
+            self._wake.wait(IDLE_POLL_S)
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            # Clear before looking, so a put() that races with the checks below
+            # makes the next wait() return immediately.
+            self._wake.clear()
+
+            # Drain all complete DIMSE messages before looking at ACSE, as the
+            # stock loop does one message per 1 ms iteration.
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, context_id)  # type: ignore[arg-type]
+                self._wake.set()  # more may be queued; loop without waiting
+                continue
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOG.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                LOG.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOG.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+class FastRequestHandler(RequestHandler):
+    """Request handler creating :class:`FastAssociation` acceptors.
+
+    Same as ``RequestHandler._create_association`` in pynetdicom 3.0.4 except
+    for the two classes used.
+    """
+
+    association_class: type[Association] = FastAssociation
+    socket_class: type[AssociationSocket] = FastAssociationSocket
+
+    def _create_association(self) -> Association:
+        assoc = self.association_class(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
+        assoc.name = f"AcceptorThread@{timestamp}"
+
+        sock = self.socket_class(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+
+        for event in self.server._handlers:
+            if event.is_intervention and self.server._handlers[event]:
+                assoc.bind(event, *self.server._handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in self.server._handlers[event]:
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
