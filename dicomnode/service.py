@@ -91,7 +91,7 @@ class Node:
         self.tracker = CompletionTracker(cfg.completion, self.index, self.scheduler, self.sink)
         self.tracker.start()
         if cfg.ingest.processes == 1:
-            self.scp = StoreSCP(cfg, self.spool, self.index, on_stored=self.tracker.notify)
+            self.scp = StoreSCP(cfg, self.spool, self.index, on_released=self.tracker.notify)
             self.address = self.scp.start()
         else:
             self._start_workers()

@@ -81,3 +81,15 @@ def test_index_dedup_and_revisions(tmp_path: Path) -> None:
     summary = index.summary()
     assert summary[0]["instances"] == 3 and summary[0]["revision"] == 2
     index.close()
+
+
+def test_store_recreates_a_removed_folder(tmp_path: Path) -> None:
+    import shutil
+
+    spool = Spool(tmp_path)
+    first = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.store(first, [b"a"])
+    shutil.rmtree(spool.studies / "1.2.3")
+    second = spool.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.6")
+    spool.store(second, [b"b"])
+    assert second.read_bytes() == b"b"

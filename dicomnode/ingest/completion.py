@@ -103,8 +103,9 @@ class CompletionTracker:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def notify(self, study_uid: str = "") -> None:
-        """Wake the poller now (called by an in-process receiver after each commit)."""
+    def notify(self) -> None:
+        """Wake the poller now (an in-process receiver calls it on association release;
+        new instances are picked up by the regular poll, every ``poll_interval``)."""
         self._wake.set()
 
     # -- polling --------------------------------------------------------------

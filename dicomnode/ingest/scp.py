@@ -124,12 +124,12 @@ class StoreSCP:
         config: NodeConfig,
         spool: Spool,
         index: Index,
-        on_stored: Callable[[str], None] | None = None,
+        on_released: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.index = index
-        self._on_stored = on_stored
+        self._on_released = on_released
         self._server: NodeAssociationServer | None = None
         self._in_flight = 0
         self._in_flight_cv = threading.Condition()
@@ -253,8 +253,8 @@ class StoreSCP:
                 self.index.record_release(event.assoc.requestor.ae_title, sorted(studies))
             except Exception:
                 LOG.exception("cannot record the association release")
-            if self._on_stored is not None:
-                self._on_stored("")
+            if self._on_released is not None:
+                self._on_released()
 
     def _handle_gone(self, event: evt.Event) -> None:
         with self._assoc_lock:
@@ -286,7 +286,7 @@ class StoreSCP:
             LOG.warning("refused SOP class %s from %s: not allowed", sop_class, calling_ae)
             return STATUS_NOT_AUTHORIZED
 
-        data: bytes = req.DataSet.getvalue()
+        data = req.DataSet.getbuffer()  # the received bytes, not copied
         try:
             validate_uid(sop_class, "Affected SOP Class UID")
             sop_uid = validate_uid(sop_uid_cmd, "Affected SOP Instance UID")
@@ -335,6 +335,4 @@ class StoreSCP:
             # the index commit failed: the file may exist, but nothing was acknowledged
             LOG.error("cannot index an instance from %s: %s", calling_ae, exc)
             return STATUS_OUT_OF_RESOURCES
-        if self._on_stored is not None:
-            self._on_stored(header.study_uid)
         return STATUS_SUCCESS

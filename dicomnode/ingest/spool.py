@@ -125,7 +125,13 @@ class Spool:
             finally:
                 os.close(fd)
             self._ensure_dir(target.parent)
-            os.rename(tmp, target)
+            try:
+                os.rename(tmp, target)
+            except FileNotFoundError:  # folder removed behind our back (e.g. a purge)
+                with self._dirs_lock:
+                    self._dirs_known.discard(target.parent)
+                self._ensure_dir(target.parent)
+                os.rename(tmp, target)
             _fsync_dir(target.parent)
         except OSError as exc:
             try:
