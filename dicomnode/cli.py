@@ -129,8 +129,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         studies = index.summary()
     finally:
         index.close()
+    jobs = _jobs(config.storage)
     if args.json:
-        print(json.dumps({"storage": str(config.storage), "studies": studies}, indent=2))
+        print(json.dumps({"storage": str(config.storage), "studies": studies, "jobs": jobs},
+                         indent=2))
         return EXIT_OK
     if not studies:
         print("no studies")
@@ -143,7 +145,38 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         for se in s["series"]:
             print(f"  series {se['series_uid']}  {se['instances']} instances  {se['bytes']} bytes")
+    for j in jobs:
+        print(f"job {j['id']}  {j['state']}  {j['model']}  {j['priority']}  attempts {j['attempts']}"
+              f"  series {j['series_uid']}" + (f"  error: {j['last_error']}" if j["last_error"]
+                                               and j["state"] != "done" else ""))
     return EXIT_OK
+
+
+def _jobs(storage: Path) -> list[dict[str, Any]]:
+    from dicomnode.queue.sqlite import SQLiteJobQueue
+
+    path = SQLiteJobQueue.path_for(storage)
+    if not path.exists():
+        return []
+    queue = SQLiteJobQueue(path)
+    try:
+        return [
+            {
+                "id": j.id,
+                "key": j.key,
+                "model": j.model,
+                "state": j.state.value,
+                "priority": j.priority.name.lower(),
+                "attempts": j.attempts,
+                "study_uid": j.payload.get("study_uid"),
+                "series_uid": j.payload.get("series_uid"),
+                "last_error": j.last_error,
+                "result": j.result,
+            }
+            for j in queue.list()
+        ]
+    finally:
+        queue.close()
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:

@@ -162,6 +162,8 @@ class InferenceWorker:
 
     def run_job(self, job: Job) -> None:
         """Run one leased job to its end (done, retried later, or failed)."""
+        LOG.info("job %s started: %s on series %s (attempt %d of %d)", job.id, job.model,
+                 job.payload["series_uid"], job.attempts, job.max_attempts)
         lease = self.config.inference.lease_seconds
         done = threading.Event()
 
