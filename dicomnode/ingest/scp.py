@@ -133,8 +133,6 @@ class StoreSCP:
         self._server: NodeAssociationServer | None = None
         self._in_flight = 0
         self._in_flight_cv = threading.Condition()
-        self._assoc_studies: dict[int, set[str]] = {}
-        self._assoc_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -166,8 +164,6 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_released),
-            (evt.EVT_ABORTED, self._handle_gone),
-            (evt.EVT_CONN_CLOSE, self._handle_gone),
             (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
@@ -246,8 +242,9 @@ class StoreSCP:
         return STATUS_SUCCESS
 
     def _handle_released(self, event: evt.Event) -> None:
-        with self._assoc_lock:
-            studies = self._assoc_studies.pop(id(event.assoc), set())
+        # The studies live on the association object itself: no shared map to clean
+        # up, and no race with EVT_CONN_CLOSE, which may fire before EVT_RELEASED.
+        studies: set[str] = getattr(event.assoc, "dicomnode_studies", set())
         if studies and self.config.completion.on_association_release:
             try:
                 self.index.record_release(event.assoc.requestor.ae_title, sorted(studies))
@@ -255,10 +252,6 @@ class StoreSCP:
                 LOG.exception("cannot record the association release")
             if self._on_released is not None:
                 self._on_released()
-
-    def _handle_gone(self, event: evt.Event) -> None:
-        with self._assoc_lock:
-            self._assoc_studies.pop(id(event.assoc), None)
 
     def _handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         with self._in_flight_cv:
@@ -300,8 +293,10 @@ class StoreSCP:
             LOG.warning("refused an instance from %s: %s", calling_ae, exc)
             return STATUS_CANNOT_UNDERSTAND
 
-        with self._assoc_lock:
-            self._assoc_studies.setdefault(id(assoc), set()).add(header.study_uid)
+        studies = getattr(assoc, "dicomnode_studies", None)
+        if studies is None:
+            studies = assoc.dicomnode_studies = set()
+        studies.add(header.study_uid)  # only this association's thread touches it
 
         if self.index.has_instance(sop_uid):
             LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
