@@ -147,12 +147,32 @@ class InferenceConfig(_Model):
 
 
 class Destination(_Model):
-    """A DICOM peer results are sent to (used by the export stage)."""
+    """A peer results are sent to: a DICOM node (C-STORE) or a DICOMweb STOW-RS URL.
+
+    ``objects`` says which result objects it gets: DICOM-SEG and the TID 1500 SR for
+    viewers that show them; GSPS contours and/or a burned-in secondary capture for
+    viewers that cannot show SEG.
+    """
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: AETitle
-    host: str = Field(min_length=1)
-    port: Port
+    protocol: Literal["dimse", "stowrs"] = "dimse"
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = Field(default=None, description="STOW-RS base URL (protocol stowrs)")
+    objects: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = ("seg", "sr")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Destination:
+        if self.protocol == "dimse":
+            missing = [f for f in ("ae_title", "host", "port") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"a dimse destination needs {', '.join(missing)}")
+        elif not self.url or not re.match(r"^https?://", self.url):
+            raise ValueError("a stowrs destination needs url: http(s)://...")
+        if not self.objects:
+            raise ValueError("objects must list at least one of seg, sr, gsps, sc")
+        return self
 
 
 class _Range(_Model):
