@@ -705,7 +705,7 @@ def test_sqlite_queue_closes_connections_of_finished_threads(tmp_path: Path) -> 
             t = threading.Thread(target=queue.counts)
             t.start()
             t.join()
-        opened = queue._all  # type: ignore[attr-defined]
+        opened = queue._db._all  # type: ignore[attr-defined]
         assert len(opened) <= 2  # the constructor's thread and the last one
         assert queue.counts()[JobState.PENDING] == 0
     finally:

@@ -15,13 +15,13 @@ import json
 import logging
 import random
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+from dicomnode.db import ThreadLocalSQLite
 from dicomnode.queue.base import (
     DEFAULT_BACKOFF_BASE,
     DEFAULT_BACKOFF_JITTER,
@@ -118,13 +118,6 @@ def _job(row: tuple[Any, ...]) -> Job:
     )
 
 
-def _close_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:  # pragma: no cover - closing is best effort
-        logger.debug("closing a job queue connection failed", exc_info=True)
-
-
 class SQLiteJobQueue(JobQueue):
     """:class:`JobQueue` on one SQLite file in WAL mode (table ``jobs``).
 
@@ -156,17 +149,8 @@ class SQLiteJobQueue(JobQueue):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ValueError(f"path: folder {self.path.parent} does not exist")
-        self._timeout = float(timeout)
-        self._local = threading.local()
-        # Every connection opened, by the thread that uses it: those of finished threads
-        # (e.g. a lease heartbeat per job) are closed when the next one is opened.
-        self._all: dict[threading.Thread, sqlite3.Connection] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        with self._transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        self._db = ThreadLocalSQLite(self.path, synchronous="FULL", timeout=timeout)
+        self._db.executescript(_SCHEMA)
 
     @staticmethod
     def path_for(storage: Path | str) -> Path:
@@ -176,33 +160,10 @@ class SQLiteJobQueue(JobQueue):
     # -- connections ----------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise RuntimeError(f"job queue {self.path} is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-            with self._lock:
-                for thread in [t for t in self._all if not t.is_alive()]:
-                    _close_quietly(self._all.pop(thread))
-                self._all[threading.current_thread()] = conn
-        return conn
+        return self._db.conn()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.transaction()
 
     @staticmethod
     def _fetch(conn: sqlite3.Connection, job_id: int) -> Job | None:
@@ -211,12 +172,7 @@ class SQLiteJobQueue(JobQueue):
 
     def close(self) -> None:
         """Close every connection this queue opened (in any thread)."""
-        with self._lock:
-            for conn in self._all.values():
-                _close_quietly(conn)
-            self._all.clear()
-            self._closed = True
-        self._local = threading.local()
+        self._db.close()
 
     # -- the contract ---------------------------------------------------------
 
