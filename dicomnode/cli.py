@@ -5,6 +5,7 @@
     dicomnode send PATH... --to AET@HOST:PORT [--aet AET]
     dicomnode status [--config FILE] [--storage DIR] [--json]
     dicomnode rules test PATH... [--config FILE]
+    dicomnode outbox [--retry] [--destination NAME] [--json]
     dicomnode config check FILE
 """
 
@@ -205,6 +206,45 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
+
+    config = _load(args, {"storage": args.storage})
+    if not (Path(config.storage) / OUTBOX_DIRNAME).exists():
+        print(f"no outbox in {config.storage} (nothing was ever queued for delivery)")
+        return EXIT_OK
+    outbox = Outbox(config.storage)
+    try:
+        if args.retry:
+            changed = outbox.retry(destination=args.destination)
+            print(f"{changed} failed deliver{'y' if changed == 1 else 'ies'} made due again; a"
+                  " running node sends them within its idle wait")
+        states = None if args.all else ["pending", "failed"]
+        deliveries = outbox.list(states, destination=args.destination)
+        summary = outbox.summary()
+    finally:
+        outbox.close()
+    if args.json:
+        print(json.dumps({
+            "summary": {d: {s.value: n for s, n in c.items()} for d, c in summary.items()},
+            "deliveries": [d.as_dict() for d in deliveries],
+        }, indent=2, default=str))
+        return EXIT_OK
+    for dest, counts in sorted(summary.items()):
+        print(f"{dest}: " + ", ".join(f"{n} {s.value}" for s, n in counts.items()))
+    for d in deliveries:
+        item = d.as_dict()
+        line = f"  #{item['id']} {item['destination']} {item['state']} {item['sop_instance_uid']}"
+        if item.get("attempts"):
+            line += f" attempts {item['attempts']}"
+        if item.get("last_error") and item["state"] != "sent":
+            line += f"  last error: {item['last_error']}"
+        print(line)
+    if not summary:
+        print("outbox is empty")
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: OK (AE {config.ae_title} on {config.bind_address}:{config.port}, "
@@ -253,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--config", type=Path)
     rt.add_argument("--verbose", action="store_true", help="list files that were skipped")
     rt.set_defaults(func=cmd_rules_test)
+
+    o = sub.add_parser("outbox", help="pending and failed deliveries of results; retry them")
+    o.add_argument("--config", type=Path)
+    o.add_argument("--storage", type=Path)
+    o.add_argument("--destination", help="only this destination")
+    o.add_argument("--retry", action="store_true", help="make failed deliveries due again")
+    o.add_argument("--all", action="store_true", help="list sent deliveries too")
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=cmd_outbox)
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)

@@ -146,6 +146,22 @@ class InferenceConfig(_Model):
     preload: bool = Field(default=True, description="load the routed models at start-up (warm)")
 
 
+class ExportConfig(_Model):
+    """Delivery of results: retries with exponential backoff, jitter and a ceiling."""
+
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    give_up_after_hours: float | None = Field(
+        default=None, gt=0, description="stop retrying a delivery after this long; never if unset"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExportConfig:
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError("retry_max_seconds must be at least retry_base_seconds")
+        return self
+
+
 class Destination(_Model):
     """A peer results are sent to: a DICOM node (C-STORE) or a DICOMweb STOW-RS URL.
 
@@ -260,6 +276,7 @@ class NodeConfig(_Model):
     ingest: IngestConfig = IngestConfig()
     inference: InferenceConfig = InferenceConfig()
     destinations: tuple[Destination, ...] = ()
+    export: ExportConfig = ExportConfig()
     models_dir: Path = Field(default=Path("models"), description="folder of model folders")
     routing: tuple[Rule, ...] = Field(default=(), description="ordered routing rules")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -17,12 +17,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dicomnode.config import NodeConfig
+from dicomnode.export.outbox import Outbox
 from dicomnode.index import Completion, Index
 from dicomnode.queue.base import Job, JobQueue, Priority
 from dicomnode.routing.rules import decide, read_header, series_info_from_dataset
@@ -119,8 +121,11 @@ class InferenceWorker:
     """Runs queued jobs one at a time in a background thread."""
 
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue, pool: ModelPool,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, outbox: Outbox | None = None,
+                 on_enqueued: Callable[[], None] | None = None) -> None:
         self.config = config
+        self.outbox = outbox
+        self._on_enqueued = on_enqueued
         self.index = index
         self.queue = queue
         self.pool = pool
@@ -177,6 +182,7 @@ class InferenceWorker:
         beat.start()
         try:
             result = self._infer(job)
+            result["objects"] = self._deliver(job, result)
         except Exception as exc:
             done.set()
             LOG.exception("job %s (%s) failed", job.id, job.model)
@@ -194,6 +200,57 @@ class InferenceWorker:
                      job.payload["series_uid"], result["seconds"])
         except Exception:
             LOG.exception("job %s: cannot record its result", job.id)
+
+    def _source_paths(self, study_uid: str, series_uid: str, sop_uids: list[str]) -> list[Path]:
+        rows = self.index.study_series(study_uid).get(series_uid) or []
+        by_uid = {r["sop_instance_uid"]: r["path"] for r in rows}
+        missing = [u for u in sop_uids if u not in by_uid]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} source instance(s) are no longer stored")
+        storage = Path(self.config.storage)
+        return [storage / by_uid[u] for u in sop_uids]
+
+    def _replaced(self, job: Job) -> dict[str, tuple[str, ...]]:
+        """The objects of the previous revision of this study's result, if it made any."""
+        p = job.payload
+        if int(p["revision"]) <= 1:
+            return {}
+        for earlier in self.queue.list(states=["done"]):
+            q = earlier.payload
+            if (q.get("study_uid"), q.get("series_uid"), q.get("rule"), earlier.model,
+                    int(q.get("revision", 0))) == (p["study_uid"], p["series_uid"], p["rule"],
+                                                   job.model, int(p["revision"]) - 1):
+                objects = (earlier.result or {}).get("objects") or {}
+                return {k: tuple(v) for k, v in objects.items()}
+        return {}
+
+    def _deliver(self, job: Job, result: dict[str, Any]) -> dict[str, list[str]]:
+        """Encode the objects the job's destinations ask for and queue them for each."""
+        from dicomnode.results import encode_input, encode_objects, kinds_for
+
+        names = list(job.payload.get("destinations") or [])
+        configured = {d.name: d for d in self.config.destinations}
+        unknown = [n for n in names if n not in configured]
+        if unknown:
+            raise ValueError(f"unknown destination(s) {', '.join(unknown)}")
+        destinations = [configured[n] for n in names]
+        kinds = kinds_for(destinations)
+        if not kinds:
+            return {}
+        manifest = self.pool.get(job.model).manifest
+        sources = self._source_paths(result["study_uid"], result["series_uid"],
+                                     list(result["sop_instance_uids"]))
+        inp = encode_input(result, manifest, Path(self.config.storage), sources,
+                           self._replaced(job))
+        objects = encode_objects(inp, kinds, self.result_dir(job) / "objects")
+        if self.outbox is not None:
+            for dest in destinations:
+                files = [f for k in dest.objects for f in objects.get(k, [])]
+                self.outbox.enqueue(dest.name, files, key=job.key)
+                LOG.info("job %s: %d object(s) queued for %s", job.id, len(files), dest.name)
+            if self._on_enqueued is not None:
+                self._on_enqueued()
+        return {k: [p.stem for p in v] for k, v in objects.items()}
 
     def _infer(self, job: Job) -> dict[str, Any]:
         from dicomnode.inference.volume import load_series

@@ -26,6 +26,7 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.config import NodeConfig
+from dicomnode.export.outbox import Dispatcher, Outbox
 from dicomnode.index import Index
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.reconcile import reconcile
@@ -56,6 +57,8 @@ class Node:
         self.sink: CompletionSink = sink or LoggingSink()
         self.queue: SQLiteJobQueue | None = None
         self.worker: InferenceWorker | None = None
+        self.outbox: Outbox | None = None
+        self.dispatcher: Dispatcher | None = None
         self.index: Index | None = None
         self.spool: Spool | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -116,6 +119,16 @@ class Node:
         reaped = self.queue.reap_abandoned(now=float("inf"))
         if reaped:
             LOG.warning("%d job(s) were running when the node stopped; they run again", reaped)
+        if cfg.destinations:
+            ec = cfg.export
+            self.outbox = Outbox(
+                cfg.storage,
+                backoff_base=ec.retry_base_seconds,
+                backoff_max=ec.retry_max_seconds,
+                max_age=ec.give_up_after_hours * 3600 if ec.give_up_after_hours else None,
+            )
+            self.dispatcher = Dispatcher(self.outbox, cfg.destinations, cfg.ae_title)
+            self.dispatcher.start()
         if cfg.inference.enabled and cfg.routing:
             from dicomnode.inference.device import choose_device
 
@@ -126,7 +139,10 @@ class Node:
                         pool.get(name)
                     except Exception:
                         LOG.exception("model %s cannot be loaded; its jobs will fail", name)
-            self.worker = InferenceWorker(cfg, self.index, self.queue, pool)
+            self.worker = InferenceWorker(
+                cfg, self.index, self.queue, pool, outbox=self.outbox,
+                on_enqueued=self.dispatcher.wake if self.dispatcher else None,
+            )
             self.worker.start()
         self.sink = RoutingSink(cfg, self.index, self.queue,
                                 on_job=self.worker.notify if self.worker else None)
@@ -199,6 +215,10 @@ class Node:
             self.tracker.stop()
         if self.worker is not None:
             self.worker.stop(timeout)
+        if self.dispatcher is not None:
+            self.dispatcher.stop(timeout)
+        if self.outbox is not None:
+            self.outbox.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         if self.queue is not None:

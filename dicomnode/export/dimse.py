@@ -11,16 +11,29 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.errors import DestinationError
+from dicomnode.export.base import (
+    DeliveryOutcome,
+    Result,
+    Sender,
+    StatusClassifier,
+    classify_status,
+    describe_status,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -163,13 +176,9 @@ class DimseSender:
     ) -> SendReport:
         """C-STORE every file; one association per batch of at most 128 contexts."""
         report = SendReport()
-        previous = _config.STORE_SEND_CHUNKED_DATASET
-        _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk, never decode
-        try:
+        with _chunked_sending():  # stream from disk, never decode
             for batch in _batches(files):
                 self._send_batch(batch, report, progress)
-        finally:
-            _config.STORE_SEND_CHUNKED_DATASET = previous
         return report
 
     def _send_batch(
@@ -205,6 +214,188 @@ class DimseSender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+    def send_files(self, files: list[DicomFile]) -> list[StoreStatus]:
+        """C-STORE every file and return one :class:`StoreStatus` per file, in order.
+
+        Each association proposes only the (SOP class, transfer syntax) pairs of its
+        batch; an uncompressed explicit-VR file also offers Implicit VR Little Endian
+        as a fallback in the same context, and is converted only when the peer picks
+        that. Nothing raises for a peer or file problem: it is in the statuses.
+        """
+        out: list[StoreStatus] = []
+        with _chunked_sending():
+            for batch in _batches(files):
+                out.extend(self._store_batch(batch))
+        return out
+
+    def _store_batch(self, batch: list[DicomFile]) -> list[StoreStatus]:
+        ae = self._ae()
+        for sop_class, ts in sorted({(f.sop_class_uid, f.transfer_syntax) for f in batch}):
+            ae.add_requested_context(sop_class, _proposed_syntaxes(ts))
+        try:
+            assoc = self._associate(ae)
+        except Exception as exc:  # DestinationError, OSError, pynetdicom's own
+            reason = str(exc) if isinstance(exc, DestinationError) else f"{self.peer}: {exc}"
+            LOG.warning("C-STORE to %s: %s", self.peer, reason)
+            return [StoreStatus(f, None, reason, "unreachable") for f in batch]
+        out: list[StoreStatus] = []
+        try:
+            accepted: dict[str, set[str]] = {}
+            for cx in assoc.accepted_contexts:
+                accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+            for f in batch:
+                out.append(self._store_one(assoc, f, accepted.get(f.sop_class_uid, set())))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return out
+
+    def _store_one(self, assoc: Association, f: DicomFile, syntaxes: set[str]) -> StoreStatus:
+        if not assoc.is_established:
+            return StoreStatus(f, None, "association lost before this instance was sent", "lost")
+        convert = (
+            f.transfer_syntax not in syntaxes
+            and f.transfer_syntax in _UNCOMPRESSED_EXPLICIT
+            and str(ImplicitVRLittleEndian) in syntaxes
+        )
+        if f.transfer_syntax not in syntaxes and not convert:
+            return StoreStatus(
+                f,
+                None,
+                f"{self.peer} accepts no presentation context for SOP class"
+                f" {f.sop_class_uid} in transfer syntax {f.transfer_syntax}",
+                "refused",
+            )
+        try:
+            if convert:  # the peer chose the implicit VR fallback: decode and convert
+                status = assoc.send_c_store(dcmread(f.path))
+            else:
+                status = assoc.send_c_store(f.path)  # streamed from disk as it is
+        except Exception as exc:
+            if assoc.is_established:
+                return StoreStatus(f, None, f"cannot send {f.path.name}: {exc}", "file")
+            return StoreStatus(f, None, f"association lost: {exc}", "lost")
+        if status and "Status" in status:
+            return StoreStatus(f, int(status.Status), None, "status")
+        return StoreStatus(f, None, "no response (timeout or abort)", "lost")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """The C-STORE of one file: the peer's ``status``, or why there is none.
+
+    ``kind``: ``status`` (the peer answered), ``unreachable`` (no association),
+    ``lost`` (the association timed out or was aborted), ``refused`` (the peer accepts
+    no presentation context for this SOP class / transfer syntax), ``file`` (the file
+    could not be sent while the association was fine).
+    """
+
+    file: DicomFile
+    status: int | None
+    error: str | None
+    kind: Literal["status", "unreachable", "lost", "refused", "file"]
+
+
+_UNCOMPRESSED_EXPLICIT = frozenset({str(ExplicitVRLittleEndian), str(ExplicitVRBigEndian)})
+
+
+def _proposed_syntaxes(ts: str) -> list[str]:
+    """The transfer syntaxes offered for a file in ``ts``: its own first, then Implicit
+    VR Little Endian (which every SCP supports, PS3.5 10.1) where it converts losslessly."""
+    if ts in _UNCOMPRESSED_EXPLICIT:
+        return [ts, str(ImplicitVRLittleEndian)]
+    return [ts]
+
+
+_chunk_lock = threading.Lock()
+_chunk_users = 0
+_chunk_saved = False
+
+
+@contextmanager
+def _chunked_sending() -> Iterator[None]:
+    """Turn on pynetdicom's STORE_SEND_CHUNKED_DATASET (a process-wide switch) while at
+    least one sender in this process needs it, and restore it after the last one."""
+    global _chunk_users, _chunk_saved
+    with _chunk_lock:
+        if _chunk_users == 0:
+            _chunk_saved = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _chunk_users += 1
+    try:
+        yield
+    finally:
+        with _chunk_lock:
+            _chunk_users -= 1
+            if _chunk_users == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = _chunk_saved
+
+
+class DimseStoreSender(Sender):
+    """The outbox's :class:`~dicomnode.export.base.Sender` for a DICOM peer: C-STORE SCU
+    (PS3.4 Annex B) through :class:`DimseSender`, one association per :meth:`send`.
+
+    Status mapping (``classify``, by default
+    :func:`~dicomnode.export.base.classify_status`): Success and Warning are ok,
+    0xA7xx (out of resources) transient, 0xA9xx / 0xCxxx permanent. No association,
+    a timeout or an abort: transient. A SOP class or transfer syntax the peer refuses,
+    or a file that is not DICOM: permanent. ``timeout`` sets the ACSE, DIMSE and
+    network timeouts unless they are given one by one.
+    """
+
+    def __init__(
+        self,
+        peer: Peer,
+        calling_ae: str = "DICOMNODE",
+        *,
+        timeout: float = 30.0,
+        acse_timeout: float | None = None,
+        dimse_timeout: float | None = None,
+        network_timeout: float | None = None,
+        classify: StatusClassifier = classify_status,
+    ) -> None:
+        if not isinstance(peer, Peer):
+            raise TypeError(f"peer: must be a Peer, not {type(peer).__name__}")
+        if timeout <= 0:
+            raise ValueError(f"timeout: must be positive, not {timeout!r}")
+        self.peer = peer
+        self.classify = classify
+        self.label = f"dimse {peer}"
+        self._sender = DimseSender(
+            peer,
+            calling_ae,
+            acse_timeout=acse_timeout or timeout,
+            dimse_timeout=dimse_timeout or timeout,
+            network_timeout=network_timeout or timeout,
+        )
+
+    def send(self, files: list[Path]) -> list[DeliveryOutcome]:
+        outcomes: list[DeliveryOutcome | None] = []
+        dicom: list[DicomFile] = []
+        for path in files:
+            found, skipped = scan([Path(path)])
+            if skipped:
+                outcomes.append(DeliveryOutcome.permanent(Path(path), skipped[0][1]))
+            else:
+                outcomes.append(None)
+                dicom.extend(found)
+        statuses = iter(self._sender.send_files(dicom) if dicom else [])
+        return [o if o is not None else self._outcome(next(statuses)) for o in outcomes]
+
+    def _outcome(self, st: StoreStatus) -> DeliveryOutcome:
+        path = st.file.path
+        if st.status is not None:
+            result = self.classify(st.status)
+            if result is Result.OK:
+                reason = None if st.status == 0 else describe_status(st.status)
+                return DeliveryOutcome(path, Result.OK, reason, st.status)
+            return DeliveryOutcome(path, result, describe_status(st.status), st.status)
+        reason = st.error or st.kind
+        if st.kind in ("refused", "file"):
+            return DeliveryOutcome.permanent(path, reason)
+        return DeliveryOutcome.transient(path, reason)
 
 
 def _batches(files: list[DicomFile]) -> Iterator[list[DicomFile]]:

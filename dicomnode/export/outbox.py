@@ -1,0 +1,881 @@
+"""The outbox: results on disk, waiting to be delivered, retried until they are.
+
+Layout, under the folder given (the node's storage folder)::
+
+    outbox/outbox.sqlite3          deliveries and objects (WAL, synchronous=FULL)
+    outbox/objects/<SOP UID>.dcm   one copy (or hard link) of each object to send
+
+:meth:`Outbox.enqueue` places each file in ``objects/`` (fsync'd, then renamed into
+place) and records one *delivery* per (destination, SOP Instance UID). That pair is
+unique: enqueueing the same object for the same destination again -- a re-run of a
+job, a restart half-way through the pipeline -- changes nothing, and the result UIDs
+being deterministic, a re-run's objects are the same objects.
+
+A delivery is ``pending`` (with ``not_before``, when it is next due), ``sent`` or
+``failed``. A transient failure goes back to pending after an exponential backoff with
+jitter under a ceiling; by default it is retried forever, unless ``max_attempts`` or
+``max_age`` say otherwise. A permanent failure is ``failed`` at once, with its reason,
+until :meth:`Outbox.retry`. An object's file is removed once every delivery of it is
+sent.
+
+:class:`Dispatcher` runs one thread per configured destination (a destination that is
+down only delays itself), takes due deliveries in batches, sends them through the
+destination's :class:`~dicomnode.export.base.Sender`, records each outcome, and sleeps
+until the next delivery is due or something is enqueued. Everything it needs is in the
+database and the files: a new Outbox and Dispatcher on the same folder carry on where
+the last ones stopped. A delivery interrupted by a crash is still ``pending`` and is
+sent again (at least once; peers treat a second copy of a SOP Instance as a duplicate).
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import logging
+import os
+import random
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom.filereader import read_file_meta_info
+
+from dicomnode.export.base import DeliveryOutcome, Result, Sender, make_sender
+from dicomnode.queue.base import backoff_delay
+
+if TYPE_CHECKING:
+    from dicomnode.config import Destination
+
+LOG = logging.getLogger(__name__)
+
+OUTBOX_DIRNAME = "outbox"
+DB_FILENAME = "outbox.sqlite3"
+OBJECTS_DIRNAME = "objects"
+
+DEFAULT_BACKOFF_BASE = 10.0
+DEFAULT_BACKOFF_MAX = 900.0
+DEFAULT_JITTER = 0.25
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_IDLE_WAIT = 30.0
+
+Clock = Callable[[], float]
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class DeliveryState(enum.StrEnum):
+    """Where a delivery stands."""
+
+    PENDING = "pending"
+    """Waiting to be sent (again) once ``not_before`` has passed."""
+    SENT = "sent"
+    """The destination has it."""
+    FAILED = "failed"
+    """Given up: a permanent error, or a transient one past ``max_attempts`` /
+    ``max_age``. Only :meth:`Outbox.retry` sends it again."""
+
+    @classmethod
+    def parse(cls, value: DeliveryState | str) -> DeliveryState:
+        if isinstance(value, DeliveryState):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            raise ValueError(
+                f"state: {value!r} is not one of {', '.join(s.value for s in cls)}"
+            ) from None
+
+
+_STATES = ", ".join(f"'{s.value}'" for s in DeliveryState)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS objects (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL REFERENCES objects(sop_instance_uid),
+    key TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ({_STATES})),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL,
+    since REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    last_result TEXT,
+    last_error TEXT,
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, not_before);
+CREATE INDEX IF NOT EXISTS deliveries_object ON deliveries(sop_instance_uid, state);
+"""
+
+_COLUMNS = (
+    "d.id, d.destination, d.sop_instance_uid, o.sop_class_uid, d.key, o.filename, d.state,"
+    " d.attempts, d.not_before, d.since, d.created_at, d.updated_at, d.sent_at,"
+    " d.last_result, d.last_error"
+)
+_FROM = "deliveries d JOIN objects o ON o.sop_instance_uid = d.sop_instance_uid"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One object for one destination."""
+
+    id: int
+    destination: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    key: str
+    path: Path
+    state: DeliveryState
+    attempts: int
+    not_before: float
+    since: float
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+    last_result: str | None
+    last_error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (for ``dicomnode outbox --json``)."""
+        out = asdict(self)
+        out["path"] = str(self.path)
+        out["state"] = self.state.value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _FileInfo:
+    source: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    size: int
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:  # pragma: no cover - best effort
+        LOG.debug("closing an outbox connection failed", exc_info=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ids(ids: int | Iterable[int]) -> list[int]:
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+class Outbox:
+    """The persistent outbox in ``storage_dir/outbox`` (see the module docstring).
+
+    ``clock`` gives the time (seconds since the epoch); ``rng`` draws the jitter.
+    A transient failure after ``n`` attempts waits ``backoff_base * 2**(n-1)`` seconds,
+    capped at ``backoff_max`` and shortened by a random fraction of at most ``jitter``
+    (so the delay lies in ``[d * (1 - jitter), d]``, never above the ceiling).
+    ``max_attempts`` / ``max_age`` (seconds since enqueue or the last manual retry):
+    give up on transient failures after that many attempts / that long; None (the
+    default) retries forever.
+    """
+
+    def __init__(
+        self,
+        storage_dir: Path | str,
+        *,
+        clock: Clock = time.time,
+        rng: random.Random | None = None,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        jitter: float = DEFAULT_JITTER,
+        max_attempts: int | None = None,
+        max_age: float | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(storage_dir, str | Path) or not str(storage_dir):
+            raise ValueError(f"storage_dir: must be a folder path, not {storage_dir!r}")
+        if not callable(clock):
+            raise ValueError("clock: must be a callable returning seconds")
+        if not backoff_base > 0:
+            raise ValueError(f"backoff_base: must be positive, not {backoff_base!r}")
+        if not backoff_max >= backoff_base:
+            raise ValueError(
+                f"backoff_max: must be at least backoff_base ({backoff_base}), not {backoff_max!r}"
+            )
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter: must be in [0, 1), not {jitter!r}")
+        if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+            raise ValueError(f"max_attempts: must be None or a positive int, not {max_attempts!r}")
+        if max_age is not None and not max_age > 0:
+            raise ValueError(f"max_age: must be None or positive seconds, not {max_age!r}")
+        self.root = Path(storage_dir) / OUTBOX_DIRNAME
+        self.objects_dir = self.root / OBJECTS_DIRNAME
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / DB_FILENAME
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.jitter = float(jitter)
+        self.max_attempts = max_attempts
+        self.max_age = None if max_age is None else float(max_age)
+        self._timeout = float(timeout)
+        self._local = threading.local()
+        self._all: dict[threading.Thread, sqlite3.Connection] = {}
+        self._lock = threading.Lock()
+        # Held from placing a file to committing its row, and from finding an object
+        # fully sent to unlinking its file: the two never interleave in this process.
+        self._files_lock = threading.Lock()
+        self._rng_lock = threading.Lock()
+        self._listeners: list[Callable[[str], None]] = []
+        self._closed = False
+        with self._transaction() as conn:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+    # -- connections ---------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError(f"outbox {self.root} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.db_path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                for thread in [t for t in self._all if not t.is_alive()]:
+                    _close_quietly(self._all.pop(thread))
+                self._all[threading.current_thread()] = conn
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection this outbox opened (in any thread)."""
+        with self._lock:
+            for conn in self._all.values():
+                _close_quietly(conn)
+            self._all.clear()
+            self._closed = True
+        self._local = threading.local()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _row(self, row: tuple[Any, ...]) -> Delivery:
+        (id_, dest, sop, sop_class, key, filename, state, attempts, not_before, since,
+         created, updated, sent_at, last_result, last_error) = row
+        return Delivery(
+            id=int(id_),
+            destination=dest,
+            sop_instance_uid=sop,
+            sop_class_uid=sop_class,
+            key=key,
+            path=self.objects_dir / filename,
+            state=DeliveryState(state),
+            attempts=int(attempts),
+            not_before=float(not_before),
+            since=float(since),
+            created_at=float(created),
+            updated_at=float(updated),
+            sent_at=None if sent_at is None else float(sent_at),
+            last_result=last_result,
+            last_error=last_error,
+        )
+
+    def _select(
+        self, conn: sqlite3.Connection, where: str, params: Sequence[Any] = (), tail: str = ""
+    ) -> builtins.list[Delivery]:
+        sql = f"SELECT {_COLUMNS} FROM {_FROM} WHERE {where} {tail}"
+        return [self._row(r) for r in conn.execute(sql, tuple(params))]
+
+    # -- listeners -----------------------------------------------------------------------
+
+    def add_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(destination)`` after deliveries for it became due
+        (enqueue, retry). Used by :class:`Dispatcher` to wake its threads."""
+        with self._lock:
+            self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            if callback in self._listeners:
+                self._listeners.remove(callback)
+
+    def _notify(self, destinations: Iterable[str]) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for name in sorted(set(destinations)):
+            for callback in listeners:
+                try:
+                    callback(name)
+                except Exception:  # a listener must not break enqueue
+                    LOG.exception("outbox listener failed for %s", name)
+
+    # -- enqueue ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _inspect(path: Path) -> _FileInfo:
+        try:
+            meta = read_file_meta_info(path)
+            sop = str(meta.MediaStorageSOPInstanceUID).strip("\0 ")
+            sop_class = str(meta.MediaStorageSOPClassUID).strip("\0 ")
+            ts = str(meta.TransferSyntaxUID).strip("\0 ")
+            size = path.stat().st_size
+        except Exception as exc:
+            raise ValueError(f"files: {path} is not a DICOM Part 10 file: {exc}") from None
+        for name, uid in (("SOP Instance UID", sop), ("SOP Class UID", sop_class)):
+            if len(uid) > 64 or not _UID_RE.match(uid):
+                raise ValueError(f"files: {path} has an invalid {name} {uid!r}")
+        return _FileInfo(path, sop, sop_class, ts, size)
+
+    def _place(self, info: _FileInfo) -> str:
+        """Put the object's file in objects/ (if not there yet); returns its file name."""
+        filename = f"{info.sop_instance_uid}.dcm"
+        target = self.objects_dir / filename
+        if target.exists():
+            return filename
+        tmp = self.objects_dir / f".{filename}.{os.getpid()}.{threading.get_ident()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(info.source, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(info.source, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        _fsync_dir(self.objects_dir)
+        return filename
+
+    def enqueue(
+        self, destination: str, files: Iterable[Path | str], key: str = ""
+    ) -> builtins.list[Delivery]:
+        """Queue ``files`` for ``destination``; returns one delivery per distinct object.
+
+        Every file must be a DICOM Part 10 file (its File Meta Information names the
+        SOP Instance UID); otherwise ValueError names it and nothing is queued. An
+        object already queued for this destination -- in any state -- is left as it is
+        (idempotent: the first copy wins). ``key`` labels the deliveries (e.g. the job
+        key) for listings.
+        """
+        if not isinstance(destination, str) or not _NAME_RE.match(destination):
+            raise ValueError(f"destination: {destination!r} is not a destination name")
+        if not isinstance(key, str):
+            raise ValueError(f"key: must be a string, not {type(key).__name__}")
+        infos: dict[str, _FileInfo] = {}
+        for raw in files:
+            info = self._inspect(Path(raw))
+            infos.setdefault(info.sop_instance_uid, info)
+        if not infos:
+            return []
+        now = self.clock()
+        added = 0
+        marks = ",".join("?" * len(infos))
+        with self._files_lock:
+            queued = {
+                r[0]
+                for r in self._conn().execute(
+                    "SELECT sop_instance_uid FROM deliveries WHERE destination = ?"
+                    f" AND sop_instance_uid IN ({marks})",
+                    (destination, *infos),
+                )
+            }
+            # only objects new to this destination need their file (an object already
+            # sent everywhere has none any more, and must not get one back)
+            names = {uid: self._place(info) for uid, info in infos.items() if uid not in queued}
+            with self._transaction() as conn:
+                for uid, info in infos.items():
+                    if uid not in names:
+                        continue
+                    conn.execute(
+                        "INSERT INTO objects (sop_instance_uid, sop_class_uid, transfer_syntax,"
+                        " filename, size, created_at) VALUES (?,?,?,?,?,?)"
+                        " ON CONFLICT(sop_instance_uid) DO NOTHING",
+                        (uid, info.sop_class_uid, info.transfer_syntax, names[uid], info.size, now),
+                    )
+                    cur = conn.execute(
+                        "INSERT INTO deliveries (destination, sop_instance_uid, key, state,"
+                        " attempts, not_before, since, created_at, updated_at)"
+                        " VALUES (?,?,?,'pending',0,?,?,?,?)"
+                        " ON CONFLICT(destination, sop_instance_uid) DO NOTHING",
+                        (destination, uid, key, now, now, now, now),
+                    )
+                    added += cur.rowcount
+                rows = self._select(
+                    conn,
+                    f"d.destination = ? AND d.sop_instance_uid IN ({marks})",
+                    (destination, *infos),
+                    "ORDER BY d.id",
+                )
+        LOG.info(
+            "outbox: %d object(s) queued for %s (%d already queued)%s",
+            added, destination, len(infos) - added, f" [{key}]" if key else "",
+        )
+        if added:
+            self._notify([destination])
+        return rows
+
+    # -- the dispatcher's side --------------------------------------------------------------
+
+    def due(self, destination: str, limit: int = DEFAULT_BATCH_SIZE) -> builtins.list[Delivery]:
+        """Pending deliveries for ``destination`` whose time has come, oldest due first."""
+        if limit < 1:
+            raise ValueError(f"limit: must be positive, not {limit!r}")
+        return self._select(
+            self._conn(),
+            "d.destination = ? AND d.state = 'pending' AND d.not_before <= ?",
+            (destination, self.clock(), int(limit)),
+            "ORDER BY d.not_before, d.id LIMIT ?",
+        )
+
+    def next_due(self, destination: str | None = None) -> float | None:
+        """When the next pending delivery (for ``destination``, or any) is due; None if none."""
+        sql = "SELECT min(not_before) FROM deliveries WHERE state = 'pending'"
+        params: tuple[Any, ...] = ()
+        if destination is not None:
+            sql += " AND destination = ?"
+            params = (destination,)
+        row = self._conn().execute(sql, params).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def _backoff(self, attempts: int) -> float:
+        with self._rng_lock:
+            return backoff_delay(
+                attempts,
+                base=self.backoff_base,
+                ceiling=self.backoff_max,
+                jitter=self.jitter,
+                rng=self.rng,
+            )
+
+    def record(self, results: Iterable[tuple[int, DeliveryOutcome]]) -> builtins.list[Delivery]:
+        """Record the outcome of sending each delivery (by id), in one transaction.
+
+        ok: sent. permanent: failed, with the reason. transient: pending again after
+        the backoff, or failed when ``max_attempts`` / ``max_age`` is reached. Returns
+        the deliveries as they are now. Unknown ids, and deliveries no longer pending
+        (retried or recorded meanwhile), are left alone.
+        """
+        items = [(int(i), o) for i, o in results]
+        if not items:
+            return []
+        now = self.clock()
+        done_objects: set[str] = set()
+        with self._transaction() as conn:
+            for delivery_id, outcome in items:
+                row = conn.execute(
+                    "SELECT attempts, since, state, sop_instance_uid FROM deliveries WHERE id = ?",
+                    (delivery_id,),
+                ).fetchone()
+                if row is None:
+                    LOG.warning("outbox: no delivery %d to record an outcome for", delivery_id)
+                    continue
+                attempts, since, state, sop = int(row[0]) + 1, float(row[1]), row[2], row[3]
+                if state != DeliveryState.PENDING.value:
+                    LOG.info("outbox: delivery %d is %s; outcome not recorded", delivery_id, state)
+                    continue
+                result = Result(outcome.result)
+                reason = outcome.reason
+                if result is Result.OK:
+                    conn.execute(
+                        "UPDATE deliveries SET state = 'sent', attempts = ?, sent_at = ?,"
+                        " updated_at = ?, last_result = 'ok', last_error = ? WHERE id = ?",
+                        (attempts, now, now, reason, delivery_id),
+                    )
+                    done_objects.add(sop)
+                    continue
+                give_up = None
+                if result is Result.PERMANENT:
+                    give_up = reason or "permanent failure"
+                elif self.max_attempts is not None and attempts >= self.max_attempts:
+                    give_up = f"gave up after {attempts} attempts: {reason}"
+                elif self.max_age is not None and now - since >= self.max_age:
+                    give_up = f"gave up after {now - since:.0f} s: {reason}"
+                if give_up is not None:
+                    conn.execute(
+                        "UPDATE deliveries SET state = 'failed', attempts = ?, updated_at = ?,"
+                        " last_result = ?, last_error = ? WHERE id = ?",
+                        (attempts, now, result.value, give_up, delivery_id),
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE deliveries SET attempts = ?, not_before = ?, updated_at = ?,"
+                        " last_result = 'transient', last_error = ? WHERE id = ?",
+                        (attempts, now + self._backoff(attempts), now, reason, delivery_id),
+                    )
+            marks = ",".join("?" * len(items))
+            after = self._select(conn, f"d.id IN ({marks})", [i for i, _ in items], "ORDER BY d.id")
+        for d in after:
+            if d.state is DeliveryState.FAILED and d.updated_at == now:
+                LOG.error("outbox: delivery %d of %s to %s failed: %s",
+                          d.id, d.sop_instance_uid, d.destination, d.last_error)
+        retrying = [d for d in after if d.state is DeliveryState.PENDING and d.updated_at == now]
+        if retrying:
+            soonest = min(d.not_before for d in retrying) - now
+            LOG.warning("outbox: %d deliver%s to %s not sent (%s); next try in %.1f s",
+                        len(retrying), "y" if len(retrying) == 1 else "ies",
+                        retrying[0].destination, retrying[0].last_error, soonest)
+        if done_objects:
+            self._remove_sent_objects(done_objects)
+        return after
+
+    def mark_sent(self, ids: int | Iterable[int]) -> builtins.list[Delivery]:
+        """Record deliveries as sent."""
+        return self.record((i, DeliveryOutcome.success(Path())) for i in _ids(ids))
+
+    def mark_failed(
+        self, ids: int | Iterable[int], result: Result | str, reason: str
+    ) -> builtins.list[Delivery]:
+        """Record a failed attempt: ``result`` is ``transient`` (retried after a backoff)
+        or ``permanent`` (failed until retried by hand)."""
+        kind = Result(result)
+        if kind is Result.OK:
+            raise ValueError("result: must be 'transient' or 'permanent', not 'ok'")
+        return self.record((i, DeliveryOutcome(Path(), kind, reason)) for i in _ids(ids))
+
+    def _remove_sent_objects(self, sops: set[str]) -> None:
+        with self._files_lock:
+            conn = self._conn()
+            for sop in sorted(sops):
+                row = conn.execute(
+                    "SELECT o.filename, (SELECT count(*) FROM deliveries d WHERE"
+                    " d.sop_instance_uid = o.sop_instance_uid AND d.state != 'sent')"
+                    " FROM objects o WHERE o.sop_instance_uid = ?",
+                    (sop,),
+                ).fetchone()
+                if row is not None and int(row[1]) == 0:
+                    (self.objects_dir / row[0]).unlink(missing_ok=True)
+
+    # -- the operator's side -----------------------------------------------------------------
+
+    def get(self, delivery_id: int) -> Delivery | None:
+        rows = self._select(self._conn(), "d.id = ?", (int(delivery_id),))
+        return rows[0] if rows else None
+
+    def list(
+        self,
+        states: Iterable[DeliveryState | str] | DeliveryState | str | None = None,
+        *,
+        destination: str | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[Delivery]:
+        """Deliveries in ``states`` (all when None), of one destination or all, by id."""
+        where, params = ["1"], []
+        if states is not None:
+            if isinstance(states, str | DeliveryState):
+                states = [states]
+            wanted = sorted({DeliveryState.parse(s).value for s in states})
+            if not wanted:
+                return []
+            where.append(f"d.state IN ({','.join('?' * len(wanted))})")
+            params += wanted
+        if destination is not None:
+            where.append("d.destination = ?")
+            params.append(destination)
+        tail = "ORDER BY d.id"
+        if limit is not None:
+            tail += f" LIMIT {int(limit)}"
+        return self._select(self._conn(), " AND ".join(where), params, tail)
+
+    def counts(self, destination: str | None = None) -> dict[DeliveryState, int]:
+        """How many deliveries are in each state (of one destination, or all)."""
+        out = dict.fromkeys(DeliveryState, 0)
+        sql = "SELECT state, count(*) FROM deliveries"
+        params: tuple[Any, ...] = ()
+        if destination is not None:
+            sql += " WHERE destination = ?"
+            params = (destination,)
+        for state, n in self._conn().execute(sql + " GROUP BY state", params):
+            out[DeliveryState(state)] = int(n)
+        return out
+
+    def summary(self) -> dict[str, dict[DeliveryState, int]]:
+        """Counts per destination: ``{destination: {state: n}}``."""
+        out: dict[str, dict[DeliveryState, int]] = {}
+        for dest, state, n in self._conn().execute(
+            "SELECT destination, state, count(*) FROM deliveries GROUP BY destination, state"
+        ):
+            out.setdefault(dest, dict.fromkeys(DeliveryState, 0))[DeliveryState(state)] = int(n)
+        return out
+
+    def retry(
+        self, ids: int | Iterable[int] | None = None, *, destination: str | None = None
+    ) -> int:
+        """Make deliveries due now, with a fresh count of attempts and age.
+
+        ``ids`` None: every failed delivery (of ``destination``, or of all). Given ids
+        may be failed or pending (a pending one is tried at once instead of after its
+        backoff); sent ones are left alone. Returns how many were changed.
+        """
+        now = self.clock()
+        with self._transaction() as conn:
+            if ids is None:
+                where, params = "state = 'failed'", []
+            else:
+                wanted = _ids(ids)
+                if not wanted:
+                    return 0
+                where = f"state IN ('failed', 'pending') AND id IN ({','.join('?' * len(wanted))})"
+                params = list(wanted)
+            if destination is not None:
+                where += " AND destination = ?"
+                params.append(destination)
+            dests = [r[0] for r in conn.execute(
+                f"SELECT DISTINCT destination FROM deliveries WHERE {where}", params)]
+            cur = conn.execute(
+                f"UPDATE deliveries SET state = 'pending', attempts = 0, not_before = ?,"
+                f" since = ?, updated_at = ? WHERE {where}",
+                (now, now, now, *params),
+            )
+            changed = cur.rowcount
+        if changed:
+            LOG.info("outbox: %d deliver%s retried by request", changed,
+                     "y" if changed == 1 else "ies")
+            self._notify(dests)
+        return int(changed)
+
+    def forget_sent(self, before: float) -> int:
+        """Delete the records of deliveries sent before ``before`` (epoch seconds).
+
+        After this, enqueueing one of those objects again sends it again: keep the
+        records as long as a re-run of the same job may happen.
+        """
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM deliveries WHERE state = 'sent' AND sent_at < ?", (float(before),)
+            )
+            conn.execute(
+                "DELETE FROM objects WHERE sop_instance_uid NOT IN"
+                " (SELECT sop_instance_uid FROM deliveries)"
+            )
+        return int(cur.rowcount)
+
+
+SenderFactory = Callable[["Destination", str], Sender]
+
+
+class Dispatcher:
+    """Sends the outbox's due deliveries: one thread per destination.
+
+    ``destinations`` are the configured ones (deliveries for a name not among them
+    stay pending, with a warning). ``sender_factory(destination, calling_ae)`` builds
+    each destination's sender (default :func:`~dicomnode.export.base.make_sender`).
+    Each thread takes up to ``batch_size`` due deliveries at a time, sends them,
+    records the outcomes, and sleeps until the next is due -- at most ``idle_wait``
+    seconds, and less when something is enqueued or retried (:meth:`wake`).
+
+    :meth:`run_once` does one batch for one destination in the calling thread
+    (no threads, no sleeping: for tests and for a ``dicomnode outbox --flush``).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Sequence[Destination],
+        calling_ae: str,
+        *,
+        sender_factory: SenderFactory = make_sender,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        idle_wait: float = DEFAULT_IDLE_WAIT,
+    ) -> None:
+        if not isinstance(outbox, Outbox):
+            raise TypeError(f"outbox: must be an Outbox, not {type(outbox).__name__}")
+        names = [d.name for d in destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destinations: duplicate names in {names}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be positive, not {batch_size!r}")
+        if not idle_wait > 0:
+            raise ValueError(f"idle_wait: must be positive, not {idle_wait!r}")
+        self.outbox = outbox
+        self.destinations = {d.name: d for d in destinations}
+        self.calling_ae = calling_ae
+        self.sender_factory = sender_factory
+        self.batch_size = int(batch_size)
+        self.idle_wait = float(idle_wait)
+        self._senders: dict[str, Sender] = {}
+        self._senders_lock = threading.Lock()
+        self._events = {name: threading.Event() for name in self.destinations}
+        self._stopping = threading.Event()
+        self._threads: dict[str, threading.Thread] = {}
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def _sender(self, name: str) -> Sender:
+        with self._senders_lock:
+            sender = self._senders.get(name)
+            if sender is None:
+                sender = self.sender_factory(self.destinations[name], self.calling_ae)
+                self._senders[name] = sender
+            return sender
+
+    def _drop_sender(self, name: str) -> None:
+        with self._senders_lock:
+            sender = self._senders.pop(name, None)
+        if sender is not None:
+            try:
+                sender.close()
+            except Exception:
+                LOG.warning("closing the sender for %s failed", name, exc_info=True)
+
+    def run_once(self, destination: str) -> int:
+        """Send one batch of due deliveries to ``destination``; returns how many were tried."""
+        if destination not in self.destinations:
+            raise ValueError(f"destination: {destination!r} is not configured")
+        batch = self.outbox.due(destination, self.batch_size)
+        if not batch:
+            return 0
+        files = [d.path for d in batch]
+        try:
+            sender = self._sender(destination)
+            outcomes = sender.send(files)
+            if len(outcomes) != len(batch):
+                raise RuntimeError(
+                    f"{sender!r} returned {len(outcomes)} outcomes for {len(batch)} files"
+                )
+        except Exception as exc:
+            LOG.exception("sending %d object(s) to %s failed", len(batch), destination)
+            self._drop_sender(destination)
+            outcomes = [DeliveryOutcome.transient(f, f"sender error: {exc}") for f in files]
+        self.outbox.record(zip((d.id for d in batch), outcomes, strict=True))
+        ok = sum(1 for o in outcomes if o.ok)
+        if ok:
+            LOG.info("outbox: %d of %d object(s) delivered to %s", ok, len(batch), destination)
+        if outcomes and all(o.result is Result.TRANSIENT for o in outcomes):
+            self._drop_sender(destination)  # reconnect from scratch next time
+        return len(batch)
+
+    def drain(self, destination: str, max_batches: int = 1000) -> int:
+        """:meth:`run_once` until nothing is due (or ``max_batches``); returns how many tried."""
+        total = 0
+        for _ in range(max_batches):
+            n = self.run_once(destination)
+            if not n:
+                break
+            total += n
+        return total
+
+    # -- threads -----------------------------------------------------------------------------
+
+    def wake(self, destination: str | None = None) -> None:
+        """Make the thread of ``destination`` (or every thread) look for due deliveries now."""
+        if destination is None:
+            for event in self._events.values():
+                event.set()
+        elif destination in self._events:
+            self._events[destination].set()
+
+    def start(self) -> None:
+        """Start one thread per destination (and listen to the outbox to wake them)."""
+        if self._threads:
+            raise RuntimeError("dispatcher already started")
+        self._stopping.clear()
+        for name, counts in self.outbox.summary().items():
+            if name not in self.destinations and counts[DeliveryState.PENDING]:
+                LOG.warning(
+                    "outbox: %d pending deliveries for %r, which is not a configured"
+                    " destination: they wait until it is", counts[DeliveryState.PENDING], name,
+                )
+        self.outbox.add_listener(self.wake)
+        for name in self.destinations:
+            thread = threading.Thread(
+                target=self._loop, args=(name,), name=f"outbox-{name}", daemon=True
+            )
+            self._threads[name] = thread
+            thread.start()
+        LOG.info("outbox dispatcher started for %d destination(s)", len(self._threads))
+
+    def _loop(self, name: str) -> None:
+        event = self._events[name]
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                event.clear()
+                try:
+                    tried = self.run_once(name)
+                    failures = 0
+                except Exception:  # the database, not the peer: wait a little, go on
+                    failures += 1
+                    LOG.exception("outbox dispatcher for %s: unexpected error", name)
+                    event.wait(min(self.idle_wait, 0.5 * 2 ** min(failures, 6)))
+                    continue
+                if tried:
+                    continue
+                next_due = self.outbox.next_due(name)
+                delay = self.idle_wait
+                if next_due is not None:
+                    delay = min(delay, max(0.0, next_due - self.outbox.clock()))
+                event.wait(max(delay, 0.01))
+        finally:
+            self._drop_sender(name)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the threads (a send in progress finishes, within its own timeouts);
+        True when all stopped within ``timeout`` seconds."""
+        self._stopping.set()
+        self.outbox.remove_listener(self.wake)
+        self.wake()
+        deadline = time.monotonic() + timeout
+        stopped = True
+        for name, thread in self._threads.items():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                LOG.warning("outbox dispatcher thread for %s did not stop in time", name)
+                stopped = False
+        self._threads.clear()
+        for name in list(self._senders):
+            self._drop_sender(name)
+        return stopped
+
+    def __enter__(self) -> Dispatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
