@@ -1,0 +1,158 @@
+"""The whole way round, with a real PACS: Orthanc sends the chest CT to the node; the
+node returns SEG and SR (and, for a destination that asks for them, the GSPS and
+secondary-capture fallbacks) into the same study in Orthanc."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from conftest import ROOT, dicom_files, shared
+from orthanc import OrthancServer, orthanc_binary
+
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def _settings(orthanc: OrthancServer) -> dict[str, Any]:
+    pacs = {"ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    return {
+        "models_dir": str(ROOT / "models"),
+        "completion": {"quiet_seconds": 1.0},
+        "destinations": [
+            {"name": "pacs", **pacs, "objects": ["seg", "sr"]},
+            {"name": "pacs-legacy-viewer", **pacs, "objects": ["gsps", "sc"]},
+        ],
+        "export": {"retry_base_seconds": 0.5, "retry_max_seconds": 2},
+        "routing": [{
+            "name": "chest-ct-lung-density",
+            "model": "lung_density",
+            "destinations": ["pacs", "pacs-legacy-viewer"],
+            "match": {"modality": ["CT"], "body_part": "chest|lung|thorax",
+                      "orientation": "axial"},
+        }],
+    }
+
+
+def _series_by_modality(orthanc: OrthancServer, study_id: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for series in orthanc.get(f"/studies/{study_id}/series"):
+        out.setdefault(series["MainDicomTags"]["Modality"], []).extend(series["Instances"])
+    return out
+
+
+def _dataset(orthanc: OrthancServer, instance_id: str) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(orthanc.file(instance_id)))
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Any:
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+    server = OrthancServer(tmp_path / "orthanc", dicomweb=False)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def test_orthanc_sends_the_chest_ct_and_gets_seg_sr_and_fallbacks(node_factory: Any,
+                                                                  pacs: OrthancServer) -> None:
+    chest = dicom_files(shared("tcia-lung-pet-ct-dx"))
+    node = node_factory(_settings(pacs)).start(timeout=120)
+    pacs.add_modality("NODE", "DICOMNODE", "127.0.0.1", node.port)
+    uploaded = [pacs.upload(p) for p in chest]
+    study_id = uploaded[0]["ParentStudy"]
+    pacs.send_to_modality("NODE", [u["ID"] for u in uploaded])  # the PACS's auto-routing
+
+    def delivered() -> dict[str, Any] | None:
+        out = json.loads(subprocess.run(
+            [sys.executable, "-m", "dicomnode", "outbox", "--json", "--all", "--config",
+             str(node.config_path)], capture_output=True, text=True, check=True).stdout)
+        counts = out["summary"]
+        done = counts and all(c["sent"] > 0 and c["pending"] == 0 and c["failed"] == 0
+                              for c in counts.values())
+        return out if done and len(counts) == 2 else None
+
+    outbox = node.wait_for(delivered, timeout=300, interval=1.0)
+    series = _series_by_modality(pacs, study_id)
+    assert len(series["CT"]) == 64
+    assert len(series["SEG"]) == 1 and len(series["SR"]) == 1 and len(series["PR"]) == 1
+
+    job = node.status()["jobs"][0]
+    assert job["state"] == "done"
+    result = job["result"]
+    labels = np.load(node.storage / result["labels_path"])["labels"]
+    source_uids: list[str] = result["sop_instance_uids"]
+
+    # SEG: same study, new series, references the source; frames map back exactly
+    seg_ds = _dataset(pacs, series["SEG"][0])
+    source_study = pydicom.dcmread(chest[0], stop_before_pixels=True).StudyInstanceUID
+    assert seg_ds.StudyInstanceUID == source_study
+    assert seg_ds.SeriesInstanceUID != result["series_uid"]
+    referenced = {i.ReferencedSOPInstanceUID
+                  for s in seg_ds.ReferencedSeriesSequence for i in s.ReferencedInstanceSequence}
+    assert referenced == set(source_uids)
+    seg = hd.seg.Segmentation.from_dataset(seg_ds)
+    numbers = {d.SegmentLabel: int(d.SegmentNumber) for d in seg_ds.SegmentSequence}
+    manifest_values = {"right lung": 1, "left lung": 2}
+    for name, value in manifest_values.items():
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=source_uids, segment_numbers=[numbers[name]],
+        )[..., 0]
+        assert np.array_equal(pixels.astype(bool), labels == value), name
+    models = [str(e.get("ManufacturerModelName", "")) for e in seg_ds.ContributingEquipmentSequence]
+    assert any(m.startswith("lung_density") for m in models), models
+
+    # SR: TID 1500, references the SEG, carries the measurements with units
+    sr_ds = _dataset(pacs, series["SR"][0])
+    assert sr_ds.StudyInstanceUID == source_study
+    sr_text = str(sr_ds)
+    assert seg_ds.SOPInstanceUID in sr_text
+    assert "ml" in sr_text and "LAA950" in sr_text
+
+    # fallbacks for the destination that asked for them
+    pr = _dataset(pacs, series["PR"][0])
+    assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.1"
+    assert len(series["OT"]) >= 1
+    sc = _dataset(pacs, series["OT"][0])
+    assert sc.BurnedInAnnotation == "YES"
+    assert "NOT FOR DIAGNOSTIC USE" in str(sc.get("ImageComments", "")).upper() + str(
+        sc.get("SeriesDescription", "")).upper()
+
+    # exactly once: every delivered object is in Orthanc, once
+    sent = [d for d in outbox["deliveries"] if d["state"] == "sent"]
+    assert len({d["sop_instance_uid"] for d in sent}) == len(sent) == 3 + len(series["OT"])
+    assert pacs.count_instances() == 64 + len(sent)
+
+    _write_overlay_png(pacs, series["CT"], seg, source_uids, numbers)
+
+
+def _write_overlay_png(pacs: OrthancServer, ct_ids: list[str], seg: Any,
+                       source_uids: list[str], numbers: dict[str, int]) -> None:
+    """One slice with the SEG overlay, rendered from what Orthanc holds (to look at)."""
+    from PIL import Image
+
+    k = len(source_uids) // 2
+    by_uid = {}
+    for oid in ct_ids:
+        ds = _dataset(pacs, oid)
+        by_uid[ds.SOPInstanceUID] = ds
+    ct = by_uid[source_uids[k]]
+    hu = ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
+    gray = np.clip((hu + 1350) / 1500, 0, 1) * 255  # lung window
+    rgb = np.stack([gray] * 3, axis=-1)
+    colours = {numbers["right lung"]: (0, 200, 0), numbers["left lung"]: (255, 190, 0)}
+    for number, colour in colours.items():
+        mask = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[source_uids[k]], segment_numbers=[number])[0, ..., 0] > 0
+        rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array(colour)
+    ARTIFACTS.mkdir(exist_ok=True)
+    Image.fromarray(rgb.astype(np.uint8)).save(ARTIFACTS / "e2e_orthanc_seg_overlay.png")
