@@ -26,6 +26,8 @@ from pydantic import (
 
 from dicomnode.errors import ConfigError
 
+SENDER = "@sender"  # in a rule's destinations: the calling AE's own return address
+
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
@@ -68,6 +70,11 @@ class AllowedCaller(_Model):
     )
     sop_classes: tuple[UIDStr, ...] | None = Field(
         default=None, description="SOP Class UIDs this peer may store; all when absent"
+    )
+    return_to: str | None = Field(
+        default=None,
+        description="the destination that is this peer's own return address: rules that send"
+        " to '@sender' send results of studies it sent there",
     )
 
     @field_validator("host")
@@ -301,8 +308,13 @@ class NodeConfig(_Model):
         if dupes:
             raise ValueError(f"routing: duplicate rule name(s) {', '.join(dupes)}")
         known = set(names)
+        for i, caller in enumerate(self.allowed_callers):
+            if caller.return_to is not None and caller.return_to not in known:
+                raise ValueError(
+                    f"allowed_callers.{i}.return_to: unknown destination {caller.return_to!r}"
+                )
         for i, rule in enumerate(self.routing):
-            unknown = [d for d in rule.destinations if d not in known]
+            unknown = [d for d in rule.destinations if d not in known and d != SENDER]
             if unknown:
                 raise ValueError(
                     f"routing.{i}.destinations: unknown destination(s) {', '.join(unknown)}"
@@ -320,6 +332,19 @@ class NodeConfig(_Model):
             return True
         title = ae_title.strip()
         return any(c.ae_title == title and c.host_matches(address) for c in self.allowed_callers)
+
+    def resolve_destinations(self, names: tuple[str, ...], calling_ae: str) -> list[str]:
+        """A rule's destination names, with '@sender' replaced by the calling AE's
+        ``return_to`` destination (dropped, with no error, when it has none)."""
+        out: list[str] = []
+        for name in names:
+            if name == SENDER:
+                title = calling_ae.strip()
+                name = next((c.return_to for c in self.allowed_callers
+                             if c.ae_title == title and c.return_to), "")
+            if name and name not in out:
+                out.append(name)
+        return out
 
     def caller_sop_classes(self, ae_title: str) -> tuple[str, ...] | None:
         """The SOP classes ``ae_title`` may store, or None for all."""

@@ -73,7 +73,8 @@ class RoutingSink:
                     "revision": completion.revision,
                     "series_uid": d.series.series_uid,
                     "rule": d.rule,
-                    "destinations": list(d.destinations),
+                    "destinations": self.config.resolve_destinations(
+                        d.destinations, d.series.calling_ae),
                 },
                 priority=Priority.STAT if d.priority == "stat" else Priority.ROUTINE,
                 max_attempts=self.config.inference.max_attempts,
