@@ -42,6 +42,7 @@ class ThreadLocalSQLite:
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
             with self._lock:
                 for thread in [t for t in self._all if not t.is_alive()]:

@@ -26,7 +26,8 @@ from pathlib import Path
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.config import NodeConfig
-from dicomnode.export.outbox import Dispatcher, Outbox
+from dicomnode.export.dispatcher import Dispatcher
+from dicomnode.export.outbox import Outbox
 from dicomnode.index import Index
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.reconcile import reconcile

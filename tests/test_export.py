@@ -28,7 +28,8 @@ from dicomnode.export.base import (
     make_sender,
 )
 from dicomnode.export.dimse import DimseStoreSender
-from dicomnode.export.outbox import Delivery, DeliveryState, Dispatcher, Outbox
+from dicomnode.export.dispatcher import Dispatcher
+from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
 from dicomnode.export.stowrs import StowRsSender, interpret
 from dicomnode.synthetic import make_ct_series
 

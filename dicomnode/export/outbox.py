@@ -39,19 +39,17 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 
-from dicomnode.export.base import DeliveryOutcome, Result, Sender, make_sender
+from dicomnode.db import ThreadLocalSQLite
+from dicomnode.export.base import DeliveryOutcome, Result
 from dicomnode.queue.base import backoff_delay
-
-if TYPE_CHECKING:
-    from dicomnode.config import Destination
 
 LOG = logging.getLogger(__name__)
 
@@ -63,7 +61,6 @@ DEFAULT_BACKOFF_BASE = 10.0
 DEFAULT_BACKOFF_MAX = 900.0
 DEFAULT_JITTER = 0.25
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_IDLE_WAIT = 30.0
 
 Clock = Callable[[], float]
 
@@ -170,13 +167,6 @@ class _FileInfo:
     size: int
 
 
-def _close_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:  # pragma: no cover - best effort
-        LOG.debug("closing an outbox connection failed", exc_info=True)
-
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -243,61 +233,26 @@ class Outbox:
         self.jitter = float(jitter)
         self.max_attempts = max_attempts
         self.max_age = None if max_age is None else float(max_age)
-        self._timeout = float(timeout)
-        self._local = threading.local()
-        self._all: dict[threading.Thread, sqlite3.Connection] = {}
-        self._lock = threading.Lock()
+        self._db = ThreadLocalSQLite(self.db_path, synchronous="FULL", timeout=timeout)
+        self._lock = threading.Lock()  # guards the listeners
         # Held from placing a file to committing its row, and from finding an object
         # fully sent to unlinking its file: the two never interleave in this process.
         self._files_lock = threading.Lock()
         self._rng_lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
-        self._closed = False
-        with self._transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        self._db.executescript(_SCHEMA)
 
     # -- connections ---------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise RuntimeError(f"outbox {self.root} is closed")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.db_path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                for thread in [t for t in self._all if not t.is_alive()]:
-                    _close_quietly(self._all.pop(thread))
-                self._all[threading.current_thread()] = conn
-        return conn
+        return self._db.conn()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.transaction()
 
     def close(self) -> None:
         """Close every connection this outbox opened (in any thread)."""
-        with self._lock:
-            for conn in self._all.values():
-                _close_quietly(conn)
-            self._all.clear()
-            self._closed = True
-        self._local = threading.local()
+        self._db.close()
 
     def __enter__(self) -> Outbox:
         return self
@@ -697,185 +652,3 @@ class Outbox:
         return int(cur.rowcount)
 
 
-SenderFactory = Callable[["Destination", str], Sender]
-
-
-class Dispatcher:
-    """Sends the outbox's due deliveries: one thread per destination.
-
-    ``destinations`` are the configured ones (deliveries for a name not among them
-    stay pending, with a warning). ``sender_factory(destination, calling_ae)`` builds
-    each destination's sender (default :func:`~dicomnode.export.base.make_sender`).
-    Each thread takes up to ``batch_size`` due deliveries at a time, sends them,
-    records the outcomes, and sleeps until the next is due -- at most ``idle_wait``
-    seconds, and less when something is enqueued or retried (:meth:`wake`).
-
-    :meth:`run_once` does one batch for one destination in the calling thread
-    (no threads, no sleeping: for tests and for a ``dicomnode outbox --flush``).
-    """
-
-    def __init__(
-        self,
-        outbox: Outbox,
-        destinations: Sequence[Destination],
-        calling_ae: str,
-        *,
-        sender_factory: SenderFactory = make_sender,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        idle_wait: float = DEFAULT_IDLE_WAIT,
-    ) -> None:
-        if not isinstance(outbox, Outbox):
-            raise TypeError(f"outbox: must be an Outbox, not {type(outbox).__name__}")
-        names = [d.name for d in destinations]
-        if len(set(names)) != len(names):
-            raise ValueError(f"destinations: duplicate names in {names}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: must be positive, not {batch_size!r}")
-        if not idle_wait > 0:
-            raise ValueError(f"idle_wait: must be positive, not {idle_wait!r}")
-        self.outbox = outbox
-        self.destinations = {d.name: d for d in destinations}
-        self.calling_ae = calling_ae
-        self.sender_factory = sender_factory
-        self.batch_size = int(batch_size)
-        self.idle_wait = float(idle_wait)
-        self._senders: dict[str, Sender] = {}
-        self._senders_lock = threading.Lock()
-        self._events = {name: threading.Event() for name in self.destinations}
-        self._stopping = threading.Event()
-        self._threads: dict[str, threading.Thread] = {}
-
-    # -- one batch -------------------------------------------------------------------------
-
-    def _sender(self, name: str) -> Sender:
-        with self._senders_lock:
-            sender = self._senders.get(name)
-            if sender is None:
-                sender = self.sender_factory(self.destinations[name], self.calling_ae)
-                self._senders[name] = sender
-            return sender
-
-    def _drop_sender(self, name: str) -> None:
-        with self._senders_lock:
-            sender = self._senders.pop(name, None)
-        if sender is not None:
-            try:
-                sender.close()
-            except Exception:
-                LOG.warning("closing the sender for %s failed", name, exc_info=True)
-
-    def run_once(self, destination: str) -> int:
-        """Send one batch of due deliveries to ``destination``; returns how many were tried."""
-        if destination not in self.destinations:
-            raise ValueError(f"destination: {destination!r} is not configured")
-        batch = self.outbox.due(destination, self.batch_size)
-        if not batch:
-            return 0
-        files = [d.path for d in batch]
-        try:
-            sender = self._sender(destination)
-            outcomes = sender.send(files)
-            if len(outcomes) != len(batch):
-                raise RuntimeError(
-                    f"{sender!r} returned {len(outcomes)} outcomes for {len(batch)} files"
-                )
-        except Exception as exc:
-            LOG.exception("sending %d object(s) to %s failed", len(batch), destination)
-            self._drop_sender(destination)
-            outcomes = [DeliveryOutcome.transient(f, f"sender error: {exc}") for f in files]
-        self.outbox.record(zip((d.id for d in batch), outcomes, strict=True))
-        ok = sum(1 for o in outcomes if o.ok)
-        if ok:
-            LOG.info("outbox: %d of %d object(s) delivered to %s", ok, len(batch), destination)
-        if outcomes and all(o.result is Result.TRANSIENT for o in outcomes):
-            self._drop_sender(destination)  # reconnect from scratch next time
-        return len(batch)
-
-    def drain(self, destination: str, max_batches: int = 1000) -> int:
-        """:meth:`run_once` until nothing is due (or ``max_batches``); returns how many tried."""
-        total = 0
-        for _ in range(max_batches):
-            n = self.run_once(destination)
-            if not n:
-                break
-            total += n
-        return total
-
-    # -- threads -----------------------------------------------------------------------------
-
-    def wake(self, destination: str | None = None) -> None:
-        """Make the thread of ``destination`` (or every thread) look for due deliveries now."""
-        if destination is None:
-            for event in self._events.values():
-                event.set()
-        elif destination in self._events:
-            self._events[destination].set()
-
-    def start(self) -> None:
-        """Start one thread per destination (and listen to the outbox to wake them)."""
-        if self._threads:
-            raise RuntimeError("dispatcher already started")
-        self._stopping.clear()
-        for name, counts in self.outbox.summary().items():
-            if name not in self.destinations and counts[DeliveryState.PENDING]:
-                LOG.warning(
-                    "outbox: %d pending deliveries for %r, which is not a configured"
-                    " destination: they wait until it is", counts[DeliveryState.PENDING], name,
-                )
-        self.outbox.add_listener(self.wake)
-        for name in self.destinations:
-            thread = threading.Thread(
-                target=self._loop, args=(name,), name=f"outbox-{name}", daemon=True
-            )
-            self._threads[name] = thread
-            thread.start()
-        LOG.info("outbox dispatcher started for %d destination(s)", len(self._threads))
-
-    def _loop(self, name: str) -> None:
-        event = self._events[name]
-        failures = 0
-        try:
-            while not self._stopping.is_set():
-                event.clear()
-                try:
-                    tried = self.run_once(name)
-                    failures = 0
-                except Exception:  # the database, not the peer: wait a little, go on
-                    failures += 1
-                    LOG.exception("outbox dispatcher for %s: unexpected error", name)
-                    event.wait(min(self.idle_wait, 0.5 * 2 ** min(failures, 6)))
-                    continue
-                if tried:
-                    continue
-                next_due = self.outbox.next_due(name)
-                delay = self.idle_wait
-                if next_due is not None:
-                    delay = min(delay, max(0.0, next_due - self.outbox.clock()))
-                event.wait(max(delay, 0.01))
-        finally:
-            self._drop_sender(name)
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the threads (a send in progress finishes, within its own timeouts);
-        True when all stopped within ``timeout`` seconds."""
-        self._stopping.set()
-        self.outbox.remove_listener(self.wake)
-        self.wake()
-        deadline = time.monotonic() + timeout
-        stopped = True
-        for name, thread in self._threads.items():
-            thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive():
-                LOG.warning("outbox dispatcher thread for %s did not stop in time", name)
-                stopped = False
-        self._threads.clear()
-        for name in list(self._senders):
-            self._drop_sender(name)
-        return stopped
-
-    def __enter__(self) -> Dispatcher:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
