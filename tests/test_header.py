@@ -57,6 +57,7 @@ def test_read_header_every_syntax(tmp_path: Path, ts: str) -> None:
     assert info.series_uid == ds.SeriesInstanceUID
     assert info.sop_instance_uid == ds.SOPInstanceUID
     assert info.expected_count == 7
+    assert (info.patient_id, info.patient_name) == ("SYNTH0001", "SYNTHETIC^PHANTOM")
 
 
 def _implicit_bytes(ds: pydicom.Dataset) -> bytes:

@@ -29,10 +29,13 @@ from pydicom.uid import (
 from dicomnode.errors import InvalidInstanceError
 
 _SOP_INSTANCE_UID = 0x00080018
+_PATIENT_NAME = 0x00100010
+_PATIENT_ID = 0x00100020
 _STUDY_UID = 0x0020000D
 _SERIES_UID = 0x0020000E
 _STUDY_RELATED_INSTANCES = 0x00201208
-_WANTED = (_SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID, _STUDY_RELATED_INSTANCES)
+_WANTED = (_SOP_INSTANCE_UID, _PATIENT_NAME, _PATIENT_ID, _STUDY_UID, _SERIES_UID,
+           _STUDY_RELATED_INSTANCES)
 _LAST = _STUDY_RELATED_INSTANCES
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset(
@@ -50,6 +53,9 @@ class HeaderInfo:
     study_uid: str
     series_uid: str
     expected_count: int | None
+    # patient identifiers: only ever written into encrypted audit records, never logged
+    patient_id: str = ""
+    patient_name: str = ""
 
 
 class _ScanError(Exception):
@@ -189,7 +195,19 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
         study,
         series,
         count if count and count > 0 else None,
+        _person(values.get(_PATIENT_ID)),
+        _person(values.get(_PATIENT_NAME)),
     )
+
+
+def _person(value: bytes | str | None) -> str:
+    """Patient ID/Name as text; bytes outside ASCII are decoded leniently (the
+    Specific Character Set is not read on this path)."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return value.rstrip("\x00 ").strip()
 
 
 def _ui(elem: int, value: str) -> bytes:
