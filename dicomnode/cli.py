@@ -6,6 +6,8 @@
     dicomnode status [--config FILE] [--storage DIR] [--json]
     dicomnode rules test PATH... [--config FILE]
     dicomnode outbox [--retry] [--destination NAME] [--json]
+    dicomnode audit verify|export [--since ...] [--until ...] [--format json|xml]
+    dicomnode keys init|rotate
     dicomnode config check FILE
 """
 
@@ -16,13 +18,13 @@ import json
 import logging
 import signal
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dicomnode import __version__
 from dicomnode.config import NodeConfig, load_config
-from dicomnode.errors import ConfigError, DestinationError
+from dicomnode.errors import ConfigError, DestinationError, DicomNodeError
 
 LOG = logging.getLogger("dicomnode")
 
@@ -55,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     config = _load(args, overrides)
     _setup_logging(config.log_level)
-    node = Node(config)
+    node = Node(config, config_source=str(args.config or "<embedded defaults>"))
 
     def _on_signal(signum: int, _frame: object) -> None:
         LOG.info("received %s", signal.Signals(signum).name)
@@ -245,6 +247,108 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cli_audit(config: NodeConfig, build_name: str, *args: Any, **kwargs: Any) -> None:
+    """Record a command's own audit event in the 'cli' chain (best effort)."""
+    from dicomnode.audit import events
+    from dicomnode.audit.setup import open_audit
+
+    try:
+        audit = open_audit(config, "cli")
+    except Exception as exc:
+        print(f"warning: cannot record this in the audit trail: {exc}", file=sys.stderr)
+        return
+    audit.record(getattr(events, build_name), *args, **kwargs)
+    close = getattr(audit, "close", None)
+    if close is not None:
+        close()
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from dicomnode.audit.setup import chains
+    from dicomnode.audit.trail import verify
+
+    config = _load(args, {"storage": args.storage})
+    public = args.public_keys or config.keys_folder
+    folders = chains(config)
+    if not folders:
+        print(f"no audit trail at {config.audit_folder}")
+        return EXIT_FAILURE
+    ok = True
+    for folder in folders:
+        report = verify(folder, public)
+        print(f"[{folder.name}] {report.summary()}")
+        ok = ok and report.ok
+    if not args.no_record:
+        _cli_audit(config, "audit_log_used", "verify", _user(), 0 if ok else 4)
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _when(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from dicomnode.audit import events
+    from dicomnode.audit.setup import chains, open_keyring
+    from dicomnode.audit.trail import read
+
+    config = _load(args, {"storage": args.storage})
+    keyring = open_keyring(config, create=False)
+    since, until = _when(args.since), _when(args.until)
+    records = []
+    for folder in chains(config):
+        for seq, at, body in read(folder, keyring, since, until):
+            records.append((at, folder.name, seq, body))
+    records.sort(key=lambda r: (r[0], r[1], r[2]))
+    if args.format == "json":
+        print(json.dumps([{"chain": c, "seq": q, "time": t.isoformat(), "event": b}
+                          for t, c, q, b in records], indent=1, default=str))
+    else:
+        print('<?xml version="1.0" encoding="UTF-8"?>')
+        print("<AuditMessages>")
+        for _t, _c, _q, body in records:
+            xml = events.to_xml(events.from_dict(body))
+            print(xml.split("?>", 1)[-1].strip() if xml.startswith("<?xml") else xml)
+        print("</AuditMessages>")
+    _cli_audit(config, "audit_log_used", "export", _user(), 0,
+               description=f"{len(records)} records, {args.format}")
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from dicomnode.audit.keys import Keyring
+
+    config = _load(args, {"storage": args.storage})
+    folder = config.keys_folder
+    if args.keys_command == "init":
+        if folder.exists() and any(folder.iterdir()):
+            print(f"error: {folder} already holds keys; use 'dicomnode keys rotate'",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        keyring = Keyring.init(folder)
+        print(f"created audit keys in {folder} (data key {keyring.current_key_id}); give"
+              f" auditors the public key(s) there (*.pub.pem), keep the folder backed up")
+        return EXIT_OK
+    keyring = Keyring.load(folder)
+    key_id = keyring.rotate(signing=args.signing)
+    print(f"new data key {key_id} is current; earlier records stay readable")
+    _cli_audit(config, "keys_rotated", key_id, user=_user())
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     print(f"{args.file}: OK (AE {config.ae_title} on {config.bind_address}:{config.port}, "
@@ -303,6 +407,33 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_outbox)
 
+    a = sub.add_parser("audit", help="the encrypted, tamper-evident audit trail")
+    asub = a.add_subparsers(dest="audit_command", required=True)
+    av = asub.add_parser("verify", help="check every record's integrity (no decryption)")
+    av.add_argument("--config", type=Path)
+    av.add_argument("--storage", type=Path)
+    av.add_argument("--public-keys", type=Path, help="a *.pub.pem file or folder (default:"
+                    " the key folder)")
+    av.add_argument("--no-record", action="store_true", help="do not audit this verification")
+    av.set_defaults(func=cmd_audit_verify)
+    ae = asub.add_parser("export", help="decrypt records (needs the data keys)")
+    ae.add_argument("--config", type=Path)
+    ae.add_argument("--storage", type=Path)
+    ae.add_argument("--since", help="ISO date/time (UTC unless given)")
+    ae.add_argument("--until", help="ISO date/time (UTC unless given)")
+    ae.add_argument("--format", choices=["json", "xml"], default="json")
+    ae.set_defaults(func=cmd_audit_export)
+
+    k = sub.add_parser("keys", help="audit keys")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    for name, text in (("init", "create the key folder"), ("rotate", "start a new data key")):
+        kp = ksub.add_parser(name, help=text)
+        kp.add_argument("--config", type=Path)
+        kp.add_argument("--storage", type=Path)
+        if name == "rotate":
+            kp.add_argument("--signing", action="store_true", help="also a new signing key")
+        kp.set_defaults(func=cmd_keys)
+
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="validate a config file without starting")
@@ -321,5 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     except DestinationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except DicomNodeError as exc:  # e.g. an audit key file with unsafe permissions
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -169,6 +169,43 @@ class ExportConfig(_Model):
         return self
 
 
+class AuditForwardConfig(_Model):
+    """IHE ATNA forwarding: RFC 5424 syslog over TLS (RFC 5425) to an audit repository."""
+
+    host: str = Field(min_length=1)
+    port: Port = 6514
+    ca_file: Path
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
+class AuditConfig(_Model):
+    """The encrypted, hash-chained audit trail (PS3.15 A.5 messages)."""
+
+    enabled: bool = True
+    folder: Path | None = Field(default=None, description="default: <storage>/audit")
+    keys: Path | None = Field(
+        default=None,
+        description="key folder (default <storage>/keys); created on first start if missing",
+    )
+    forward: AuditForwardConfig | None = None
+
+
+class RetentionConfig(_Model):
+    """Purging old data, only once everything owed for it has been delivered."""
+
+    enabled: bool = False
+    max_age_days: float = Field(default=30.0, gt=0)
+    keep_failed_days: float = Field(default=90.0, gt=0)
+    interval_minutes: float = Field(default=60.0, gt=0)
+    dry_run: bool = Field(default=False, description="report what would be purged; delete nothing")
+    min_free_gb: float = Field(
+        default=0.5, ge=0,
+        description="refuse new instances (0xA700) below this much free disk; always on",
+    )
+    min_free_ratio: float = Field(default=0.0, ge=0, lt=1)
+
+
 class Destination(_Model):
     """A peer results are sent to: a DICOM node (C-STORE) or a DICOMweb STOW-RS URL.
 
@@ -284,6 +321,8 @@ class NodeConfig(_Model):
     inference: InferenceConfig = InferenceConfig()
     destinations: tuple[Destination, ...] = ()
     export: ExportConfig = ExportConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
     models_dir: Path = Field(default=Path("models"), description="folder of model folders")
     routing: tuple[Rule, ...] = Field(default=(), description="ordered routing rules")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -345,6 +384,14 @@ class NodeConfig(_Model):
             if name and name not in out:
                 out.append(name)
         return out
+
+    @property
+    def audit_folder(self) -> Path:
+        return self.audit.folder or Path(self.storage) / "audit"
+
+    @property
+    def keys_folder(self) -> Path:
+        return self.audit.keys or Path(self.storage) / "keys"
 
     def caller_sop_classes(self, ae_title: str) -> tuple[str, ...] | None:
         """The SOP classes ``ae_title`` may store, or None for all."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import NodeConfig
 from dicomnode.export.outbox import Outbox
 from dicomnode.index import Completion, Index
@@ -40,25 +41,35 @@ class RoutingSink:
     """Turns each completed study revision into jobs, by the configured rules."""
 
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue,
-                 on_job: Any = None) -> None:
+                 on_job: Any = None, audit: Audit | None = None) -> None:
         self.config = config
+        self.audit: Audit = audit or NullAudit()
         self.index = index
         self.queue = queue
         self.storage = Path(config.storage)
         self._on_job = on_job
 
     def study_completed(self, completion: Completion) -> None:
+        from dicomnode.audit import events
+
         series = []
+        patient = ("", "")
         for series_uid, rows in self.index.study_series(completion.study_uid).items():
             try:
                 ds = read_header(self.storage / rows[0]["path"])
             except Exception as exc:
                 LOG.warning("series %s: cannot read a header for routing: %s", series_uid, exc)
                 continue
+            patient = (str(ds.get("PatientID", "") or ""), str(ds.get("PatientName", "") or ""))
             series.append(series_info_from_dataset(
                 ds, len(rows), calling_ae=rows[0]["calling_ae"], called_ae=rows[0]["called_ae"]))
+        self.audit.record(events.study_completed,
+            completion.study_uid, completion.revision, completion.instance_count, *patient)
         decisions = decide(self.config.routing, series)
+        for d in decisions:
+            self.audit.record(events.rule_matched, completion.study_uid, d.rule, d.model)
         if not decisions:
+            self.audit.record(events.rule_matched, completion.study_uid, None, None)
             LOG.info("study %s revision %d: no routing rule matched its %d series; nothing runs",
                      completion.study_uid, completion.revision, len(series))
             return
@@ -123,8 +134,10 @@ class InferenceWorker:
 
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue, pool: ModelPool,
                  owner: str | None = None, outbox: Outbox | None = None,
-                 on_enqueued: Callable[[], None] | None = None) -> None:
+                 on_enqueued: Callable[[], None] | None = None,
+                 audit: Audit | None = None) -> None:
         self.config = config
+        self.audit: Audit = audit or NullAudit()
         self.outbox = outbox
         self._on_enqueued = on_enqueued
         self.index = index
@@ -168,8 +181,12 @@ class InferenceWorker:
 
     def run_job(self, job: Job) -> None:
         """Run one leased job to its end (done, retried later, or failed)."""
+        from dicomnode.audit import events
+
         LOG.info("job %s started: %s on series %s (attempt %d of %d)", job.id, job.model,
                  job.payload["series_uid"], job.attempts, job.max_attempts)
+        audit_job = (str(job.id), job.model, "", job.payload["study_uid"], job.payload["series_uid"])
+        self.audit.record(events.job, "started", *audit_job)
         lease = self.config.inference.lease_seconds
         done = threading.Event()
 
@@ -187,6 +204,7 @@ class InferenceWorker:
         except Exception as exc:
             done.set()
             LOG.exception("job %s (%s) failed", job.id, job.model)
+            self.audit.record(events.job, "failed", *audit_job, error=f"{type(exc).__name__}")
             try:
                 released = self.queue.release(job.id, self.owner, error=f"{type(exc).__name__}: {exc}")
                 LOG.warning("job %s is now %s after %d attempt(s)", job.id,
@@ -195,6 +213,9 @@ class InferenceWorker:
                 LOG.exception("job %s: cannot record the failure", job.id)
             return
         done.set()
+        self.audit.record(events.job, "finished", str(job.id), job.model,
+                                     str(result.get("model_version", "")),
+                                     job.payload["study_uid"], job.payload["series_uid"])
         try:
             self.queue.release(job.id, self.owner, result=result)
             LOG.info("job %s done: %s on series %s in %.2f s", job.id, job.model,

@@ -21,13 +21,17 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicomnode.audit import events
+from dicomnode.audit.recorder import Audit, NullAudit
+from dicomnode.audit.setup import open_audit
 from dicomnode.config import NodeConfig
 from dicomnode.export.dispatcher import Dispatcher
-from dicomnode.export.outbox import Outbox
+from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
 from dicomnode.index import Index
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.reconcile import reconcile
@@ -35,6 +39,7 @@ from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
 from dicomnode.pipeline import InferenceWorker, ModelPool, RoutingSink
 from dicomnode.queue.sqlite import SQLiteJobQueue
+from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
 
 LOG = logging.getLogger(__name__)
 
@@ -52,8 +57,13 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 class Node:
     """One dicomnode service instance."""
 
-    def __init__(self, config: NodeConfig, sink: CompletionSink | None = None) -> None:
+    def __init__(self, config: NodeConfig, sink: CompletionSink | None = None,
+                 config_source: str = "<embedded defaults>") -> None:
         self.config = config
+        self.config_source = config_source
+        self.audit: Audit = NullAudit()
+        self.purger: Purger | None = None
+        self._retention_outbox: Outbox | None = None
         self._default_sink = sink is None
         self.sink: CompletionSink = sink or LoggingSink()
         self.queue: SQLiteJobQueue | None = None
@@ -76,11 +86,16 @@ class Node:
 
     def startup(self) -> None:
         cfg = self.config
+        Path(cfg.storage).mkdir(parents=True, exist_ok=True)
+        self.audit = open_audit(cfg, "node", forward=True)
+        self.audit.record(events.config_loaded, str(self.config_source), True)
         self.spool = Spool(Path(cfg.storage))
         removed = self.spool.clean_tmp()
         if removed:
             LOG.warning("removed %d partial files left by an earlier crash", removed)
         self.index = Index(Index.path_for(cfg.storage))
+        # finish purges a crash interrupted, before reconcile could re-index their files
+        PurgeRecovery(cfg.storage, self.index, on_purged=self._audit_purge).recover()
         self._running_marker = Path(cfg.storage) / ".running"
         if self._running_marker.exists():
             LOG.warning("the previous run did not shut down cleanly; checking the index")
@@ -95,10 +110,12 @@ class Node:
         self.tracker = CompletionTracker(cfg.completion, self.index, self.scheduler, self.sink)
         self.tracker.start()
         if cfg.ingest.processes == 1:
-            self.scp = StoreSCP(cfg, self.spool, self.index, on_released=self.tracker.notify)
+            self.scp = StoreSCP(cfg, self.spool, self.index, on_released=self.tracker.notify,
+                                audit=self.audit)
             self.address = self.scp.start()
         else:
             self._start_workers()
+        self.audit.record(events.application_activity, True, cfg.ae_title, socket.gethostname())
         LOG.info(
             "dicomnode %s ready on %s:%d (storage %s)",
             cfg.ae_title,
@@ -128,7 +145,8 @@ class Node:
                 backoff_max=ec.retry_max_seconds,
                 max_age=ec.give_up_after_hours * 3600 if ec.give_up_after_hours else None,
             )
-            self.dispatcher = Dispatcher(self.outbox, cfg.destinations, cfg.ae_title)
+            self.dispatcher = Dispatcher(self.outbox, cfg.destinations, cfg.ae_title,
+                                         audit=self.audit)
             self.dispatcher.start()
         if cfg.inference.enabled and cfg.routing:
             from dicomnode.inference.device import choose_device
@@ -142,11 +160,35 @@ class Node:
                         LOG.exception("model %s cannot be loaded; its jobs will fail", name)
             self.worker = InferenceWorker(
                 cfg, self.index, self.queue, pool, outbox=self.outbox,
-                on_enqueued=self.dispatcher.wake if self.dispatcher else None,
+                on_enqueued=self.dispatcher.wake if self.dispatcher else None, audit=self.audit,
             )
             self.worker.start()
         self.sink = RoutingSink(cfg, self.index, self.queue,
-                                on_job=self.worker.notify if self.worker else None)
+                                on_job=self.worker.notify if self.worker else None,
+                                audit=self.audit)
+        if cfg.retention.enabled:
+            self._start_retention()
+
+    def _start_retention(self) -> None:
+        cfg = self.config
+        assert self.index is not None and self.queue is not None and self.scheduler is not None
+        outbox = self.outbox
+        if outbox is None and (Path(cfg.storage) / OUTBOX_DIRNAME).exists():
+            outbox = self._retention_outbox = Outbox(cfg.storage)  # deliveries left from before
+        rc = cfg.retention
+        self.purger = Purger(cfg.storage, self.index, self.queue, outbox,
+                             RetentionPolicy(rc.max_age_days, rc.keep_failed_days, rc.dry_run),
+                             on_purged=self._audit_purge)
+        self.scheduler.add_job(
+            self.purger.run_once, "interval", minutes=rc.interval_minutes, id="retention",
+            max_instances=1, coalesce=True,
+            next_run_time=datetime.now(UTC) + timedelta(minutes=1),
+        )
+
+    def _audit_purge(self, study_uid: str, instances: int, patient_id: str | None,
+                     patient_name: str | None, reason: str) -> None:
+        self.audit.record(events.data_purged, study_uid, instances, patient_id, patient_name,
+                          reason)
 
     def _start_workers(self) -> None:
         cfg = self.config
@@ -224,6 +266,13 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.queue is not None:
             self.queue.close()
+        if self._retention_outbox is not None:
+            self._retention_outbox.close()
+        self.audit.record(events.application_activity, False, self.config.ae_title,
+                          socket.gethostname())
+        close = getattr(self.audit, "close", None)
+        if close is not None:
+            close()
         if self.index is not None:
             self.index.close()
             try:

@@ -8,9 +8,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import Destination
 from dicomnode.export.base import DeliveryOutcome, Result, Sender, make_sender
-from dicomnode.export.outbox import DEFAULT_BATCH_SIZE, DeliveryState, Outbox
+from dicomnode.export.outbox import DEFAULT_BATCH_SIZE, Delivery, DeliveryState, Outbox
 
 LOG = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ class Dispatcher:
         sender_factory: SenderFactory = make_sender,
         batch_size: int = DEFAULT_BATCH_SIZE,
         idle_wait: float = DEFAULT_IDLE_WAIT,
+        audit: Audit | None = None,
     ) -> None:
+        self.audit: Audit = audit or NullAudit()
         if not isinstance(outbox, Outbox):
             raise TypeError(f"outbox: must be an Outbox, not {type(outbox).__name__}")
         names = [d.name for d in destinations]
@@ -101,13 +104,37 @@ class Dispatcher:
             LOG.exception("sending %d object(s) to %s failed", len(batch), destination)
             self._drop_sender(destination)
             outcomes = [DeliveryOutcome.transient(f, f"sender error: {exc}") for f in files]
-        self.outbox.record(zip((d.id for d in batch), outcomes, strict=True))
+        updated = self.outbox.record(zip((d.id for d in batch), outcomes, strict=True))
+        self._audit(destination, batch, outcomes, updated)
         ok = sum(1 for o in outcomes if o.ok)
         if ok:
             LOG.info("outbox: %d of %d object(s) delivered to %s", ok, len(batch), destination)
         if outcomes and all(o.result is Result.TRANSIENT for o in outcomes):
             self._drop_sender(destination)  # reconnect from scratch next time
         return len(batch)
+
+    def _audit(self, destination: str, batch: Sequence[Delivery],
+               outcomes: Sequence[DeliveryOutcome], updated: Sequence[Delivery]) -> None:
+        """One audit event per study and outcome: sent, or given up (transient failures
+        that will be retried are not audited, only logged)."""
+        from dicomnode.audit import events
+
+        dest = self.destinations[destination]
+        address = dest.url or f"{dest.ae_title}@{dest.host}:{dest.port}"
+        gave_up = {d.id for d in updated if d.state is DeliveryState.FAILED}
+        groups: dict[tuple[str, bool], dict[str, int]] = {}
+        reasons: dict[str, str] = {}
+        for d, o in zip(batch, outcomes, strict=True):
+            if not o.ok and d.id not in gave_up:
+                continue
+            study = d.key.split("/", 1)[0]
+            counts = groups.setdefault((study, o.ok), {})
+            counts[d.sop_class_uid] = counts.get(d.sop_class_uid, 0) + 1
+            if not o.ok:
+                reasons[study] = o.reason or "failed"
+        for (study, ok), classes in groups.items():
+            self.audit.record(events.result_sent, destination, address, study, classes, ok,
+                                                 reason=None if ok else reasons.get(study))
 
     def drain(self, destination: str, max_batches: int = 1000) -> int:
         """:meth:`run_once` until nothing is due (or ``max_batches``); returns how many tried."""

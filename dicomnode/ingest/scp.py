@@ -14,7 +14,9 @@ import logging
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -25,9 +27,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import __version__
+from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import NodeConfig
 from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
 from dicomnode.index import Index, InstanceRecord
+from dicomnode.ingest.diskguard import DiskGuard
 from dicomnode.ingest.header import encode_file_meta, read_header
 from dicomnode.ingest.reactor import FastRequestHandler
 from dicomnode.ingest.spool import Spool, validate_uid
@@ -44,6 +48,16 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_NOT_AUTHORIZED = 0x0124
 STATUS_PROCESSING_FAILURE = 0x0110
+
+@dataclass
+class _StudyTally:
+    """What one association brought of one study (for its audit event)."""
+
+    patient_id: str
+    patient_name: str
+    sop_classes: Counter[str] = field(default_factory=Counter)
+    failed: int = 0
+
 
 class NodeACSE(ACSE):
     """ACSE that also enforces the config's allowlist of callers (AE title + host).
@@ -125,11 +139,15 @@ class StoreSCP:
         spool: Spool,
         index: Index,
         on_released: Callable[[], None] | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.index = index
         self._on_released = on_released
+        self.audit: Audit = audit or NullAudit()
+        rc = config.retention
+        self.disk_guard = DiskGuard(config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
         self._server: NodeAssociationServer | None = None
         self._in_flight = 0
         self._in_flight_cv = threading.Condition()
@@ -164,6 +182,7 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
             (evt.EVT_ACCEPTED, self._handle_accepted),
             (evt.EVT_REJECTED, self._handle_rejected),
         ]
@@ -224,12 +243,22 @@ class StoreSCP:
 
     # -- event handlers -----------------------------------------------------
 
+    def _audit_association(self, event: evt.Event, accepted: bool) -> None:
+        from dicomnode.audit import events
+
+        rq = event.assoc.requestor
+        self.audit.record(events.association,
+            accepted, rq.ae_title.strip(), self.config.ae_title, rq.address,
+            reason=None if accepted else "calling AE title, address or called AE not allowed",
+        )
+
     def _handle_accepted(self, event: evt.Event) -> None:
         LOG.info(
             "association accepted from %s at %s",
             event.assoc.requestor.ae_title,
             event.assoc.requestor.address,
         )
+        self._audit_association(event, True)
 
     def _handle_rejected(self, event: evt.Event) -> None:
         LOG.info(
@@ -237,6 +266,21 @@ class StoreSCP:
             event.assoc.requestor.ae_title,
             event.assoc.requestor.address,
         )
+        self._audit_association(event, False)
+
+    def _handle_closed(self, event: evt.Event) -> None:
+        """One 'DICOM Instances Transferred' audit event per study the connection brought."""
+        from dicomnode.audit import events
+
+        # read, never cleared: EVT_RELEASED may still come after this and needs the studies
+        tallies: dict[str, _StudyTally] = getattr(event.assoc, "dicomnode_studies", {})
+        rq = event.assoc.requestor
+        for study_uid, t in tallies.items():
+            self.audit.record(events.instances_received,
+                rq.ae_title.strip(), rq.address, self.config.ae_title, study_uid,
+                dict(t.sop_classes), t.patient_id, t.patient_name,
+                outcome=0 if not t.failed else 4,
+            )
 
     def _handle_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -244,7 +288,7 @@ class StoreSCP:
     def _handle_released(self, event: evt.Event) -> None:
         # The studies live on the association object itself: no shared map to clean
         # up, and no race with EVT_CONN_CLOSE, which may fire before EVT_RELEASED.
-        studies: set[str] = getattr(event.assoc, "dicomnode_studies", set())
+        studies: dict[str, _StudyTally] = getattr(event.assoc, "dicomnode_studies", {})
         if studies and self.config.completion.on_association_release:
             try:
                 self.index.record_release(event.assoc.requestor.ae_title, sorted(studies))
@@ -295,8 +339,16 @@ class StoreSCP:
 
         studies = getattr(assoc, "dicomnode_studies", None)
         if studies is None:
-            studies = assoc.dicomnode_studies = set()
-        studies.add(header.study_uid)  # only this association's thread touches it
+            studies = assoc.dicomnode_studies = {}
+        tally = studies.get(header.study_uid)  # only this association's thread touches it
+        if tally is None:
+            tally = studies[header.study_uid] = _StudyTally(header.patient_id, header.patient_name)
+
+        ok, why = self.disk_guard.check()
+        if not ok:  # refuse cleanly before the disk fills, rather than fail mid-write
+            LOG.error("refused an instance from %s: %s", calling_ae, why)
+            tally.failed += 1
+            return STATUS_OUT_OF_RESOURCES
 
         if self.index.has_instance(sop_uid):
             LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
@@ -325,9 +377,12 @@ class StoreSCP:
             )
         except StorageError as exc:
             LOG.error("cannot store an instance from %s: %s", calling_ae, exc)
+            tally.failed += 1
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:
             # the index commit failed: the file may exist, but nothing was acknowledged
             LOG.error("cannot index an instance from %s: %s", calling_ae, exc)
+            tally.failed += 1
             return STATUS_OUT_OF_RESOURCES
+        tally.sop_classes[sop_class] += 1
         return STATUS_SUCCESS

@@ -19,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+from dicomnode.audit.setup import open_audit
 from dicomnode.config import NodeConfig
 from dicomnode.index import Index
 from dicomnode.ingest.scp import StoreSCP
@@ -53,13 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     spool = Spool(Path(config.storage))
     index = Index(Index.path_for(config.storage))
-    scp = StoreSCP(config, spool, index)
+    audit = open_audit(config, f"receiver-{args.number}")
+    scp = StoreSCP(config, spool, index, audit=audit)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     scp.start(sock)
     stop.wait()
     scp.stop(timeout=config.ingest.dimse_timeout)
+    close = getattr(audit, "close", None)
+    if close is not None:
+        close()
     index.close()
     return 0
 

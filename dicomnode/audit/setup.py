@@ -1,0 +1,60 @@
+"""Opening the audit recorder of a process from the config.
+
+Each writing process has its own hash chain (the trail allows one writer per
+folder): ``<audit>/node`` for the main process, ``<audit>/receiver-N`` for the
+receiving processes, ``<audit>/cli`` for commands. ``dicomnode audit verify``
+checks them all.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from dicomnode.audit.recorder import Audit, AuditRecorder, NullAudit
+from dicomnode.config import NodeConfig
+
+LOG = logging.getLogger(__name__)
+
+
+def open_keyring(config: NodeConfig, *, create: bool = True):  # type: ignore[no-untyped-def]
+    """Load the key folder (refusing unsafe permissions); create it on first use."""
+    from dicomnode.audit.keys import Keyring
+
+    folder = config.keys_folder
+    if not folder.exists() and create:
+        LOG.warning("no audit keys at %s: creating them (back up this folder; keep the"
+                    " public key for auditors)", folder)
+        return Keyring.init(folder)
+    return Keyring.load(folder)
+
+
+def open_audit(config: NodeConfig, chain: str, *, forward: bool = False) -> Audit:
+    """The recorder for one process; NullAudit when auditing is off."""
+    if not config.audit.enabled:
+        return NullAudit()
+    from dicomnode.audit.events import NodeIdentity
+    from dicomnode.audit.trail import AuditTrail
+
+    keyring = open_keyring(config)
+    trail = AuditTrail(Path(config.audit_folder) / chain, keyring)
+    forwarder = None
+    fc = config.audit.forward
+    if forward and fc is not None:
+        from dicomnode.audit.forward import Forwarder
+
+        forwarder = Forwarder(
+            Path(config.audit_folder) / "forward-queue", fc.host, fc.port, fc.ca_file,
+            certfile=fc.certfile, keyfile=fc.keyfile,
+            queue_key=keyring.data_key(keyring.current_key_id),
+        )
+        forwarder.start()
+    return AuditRecorder(trail, forwarder, NodeIdentity(ae_title=config.ae_title))
+
+
+def chains(config: NodeConfig) -> list[Path]:
+    """Every hash-chain folder of the trail."""
+    root = Path(config.audit_folder)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name != "forward-queue")
