@@ -359,15 +359,16 @@ class DicomNode(Receiver):
     kind = "dicomnode"
     ae_title = "DICOMNODE"
 
-    def __init__(self, workdir: Path, processes: int = 1) -> None:
+    def __init__(self, workdir: Path, processes: int = 1, audit: bool = True) -> None:
         super().__init__(workdir)
         self.processes = processes
+        self.audit = audit
         self.storage = workdir / "storage"
         self.config_path = workdir / "node.yaml"
 
     @property
     def label(self) -> str:
-        return f"dicomnode p={self.processes}"
+        return f"dicomnode p={self.processes}" + ("" if self.audit else " no-audit")
 
     @property
     def env(self) -> dict[str, str]:
@@ -380,6 +381,7 @@ class DicomNode(Receiver):
             "port": self.port,
             "storage": str(self.storage),
             "ingest": {"processes": self.processes},
+            "audit": {"enabled": self.audit},
             "log_level": "INFO",
         }
         self.config_path.write_text(yaml.safe_dump(config))
@@ -518,10 +520,11 @@ class ReceiverSpec:
     kind: str
     processes: int = 1
     fork: bool = False
+    audit: bool = True
 
     def make(self, workdir: Path) -> Receiver:
         if self.kind == "dicomnode":
-            return DicomNode(workdir, self.processes)
+            return DicomNode(workdir, self.processes, self.audit)
         if self.kind == "storescp":
             return StoreSCP(workdir, self.fork)
         if self.kind == "orthanc":
@@ -799,9 +802,11 @@ def print_failures(runs: Sequence[Run]) -> None:
 # -- the benchmark --------------------------------------------------------------------
 
 
-def plan(quick: bool) -> list[tuple[int, list[ReceiverSpec]]]:
+def plan(quick: bool, audit_compare: bool = False) -> list[tuple[int, list[ReceiverSpec]]]:
     """(associations, receivers) per case."""
     one = [ReceiverSpec("dicomnode", 1), ReceiverSpec("storescp"), ReceiverSpec("orthanc")]
+    if audit_compare:  # the audit's cost on ingest: same node, trail off
+        one.append(ReceiverSpec("dicomnode", 1, audit=False))
     four = [ReceiverSpec("dicomnode", 4), ReceiverSpec("storescp", fork=True),
             ReceiverSpec("orthanc")]
     if not quick:
@@ -873,6 +878,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tmp", type=Path, default=None,
                    help="scratch folder (must be a real disk for fsync to mean anything; "
                    "default: the system temp folder)")
+    p.add_argument("--audit-compare", action="store_true",
+                   help="also run dicomnode with its audit trail off (1 association)")
     p.add_argument("--only", choices=("dicomnode", "storescp", "orthanc"), action="append",
                    help="run only these receivers (repeatable)")
     return p.parse_args(argv)
@@ -906,7 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         for data in datasets:
             warm_page_cache(data.files)
             print(f"\n{data.name}: {len(data.files)} instances, {data.bytes / MB:.0f} MB", flush=True)
-            for associations, specs in plan(args.quick):
+            for associations, specs in plan(args.quick, args.audit_compare):
                 specs = [s for s in specs if not args.only or s.kind in args.only]
                 run_case(data, associations, specs, repeats, scratch, runs)
 
