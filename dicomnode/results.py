@@ -28,9 +28,16 @@ from dicomnode.inference.manifest import Manifest
 LOG = logging.getLogger(__name__)
 
 
-def _write(ds: Dataset, path: Path) -> None:
+def _write_checked(ds: Dataset, path: Path) -> None:
+    """Write ``ds``, check the very bytes written (read back + dciodvfy), then fsync and
+    rename into place: an object that fails its check never gets a final name."""
     tmp = path.with_name(path.name + ".part")
     ds.save_as(tmp, enforce_file_format=True)
+    try:
+        ensure_valid(tmp)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,9 +84,8 @@ def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path) -> dic
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for ds in datasets:
-            ensure_valid(ds)  # every object is checked before it can leave
             path = folder / f"{ds.SOPInstanceUID}.dcm"
-            _write(ds, path)
+            _write_checked(ds, path)  # every object is checked before it can leave
             paths.append(path)
         done.touch()
         out[kind] = paths
@@ -88,10 +94,12 @@ def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path) -> dic
 
 
 def encode_input(result: dict[str, object], manifest: Manifest, storage: Path,
-                 source_paths: list[Path], replaces: dict[str, tuple[str, ...]] | None = None
-                 ) -> EncodeInput:
-    """The EncodeInput of a stored prediction (``result`` as the worker records it)."""
-    labels = np.load(storage / str(result["labels_path"]))["labels"]
+                 source_paths: list[Path], replaces: dict[str, tuple[str, ...]] | None = None,
+                 labels: np.ndarray | None = None) -> EncodeInput:
+    """The EncodeInput of a stored prediction (``result`` as the worker records it);
+    ``labels`` when the caller still holds them, else they are read back from disk."""
+    if labels is None:
+        labels = np.load(storage / str(result["labels_path"]))["labels"]
     measurements = {
         name: {q: (float(v[0]), str(v[1])) for q, v in quantities.items()}
         for name, quantities in dict(result["measurements"]).items()  # type: ignore[call-overload]
@@ -107,3 +115,31 @@ def encode_input(result: dict[str, object], manifest: Manifest, storage: Path,
         device=str(result.get("device", "cpu")),
         replaces=replaces or {},
     )
+
+
+def warm_up(manifest: Manifest, kinds: Sequence[str]) -> None:
+    """Run the result path once on a tiny synthetic series at start-up, so that the first
+    real study does not pay for imports and first-call set-up (highdicom, the volume
+    loader, dciodvfy): the node stays warm end to end, not only the model."""
+    import tempfile
+    import time
+
+    from dicomnode.inference.volume import load_series
+    from dicomnode.synthetic import make_ct_series
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dicomnode-warmup-") as tmp:
+        paths = make_ct_series(Path(tmp) / "src", 4, 32, 32)
+        volume = load_series(paths)
+        labels = np.zeros(volume.shape, dtype=np.uint8)
+        for i, label in enumerate(manifest.labels):
+            labels[:, 4 + 6 * i : 8 + 6 * i, 4:12] = label.value
+        names = [label.name for label in manifest.labels]
+        inp = EncodeInput(
+            source_paths=tuple(paths), labels=labels, manifest=manifest,
+            measurements={n: {"volume": (1.0, "ml")} for n in names},
+            study_uid=volume.study_uid, series_uid=volume.series_uid,
+        )
+        encode_objects(inp, kinds, Path(tmp) / "out")
+    LOG.info("result path warmed up for %s in %.2f s", manifest.name,
+             time.perf_counter() - started)

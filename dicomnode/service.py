@@ -153,11 +153,7 @@ class Node:
 
             pool = ModelPool(cfg.models_dir, choose_device(cfg.inference.device))
             if cfg.inference.preload:
-                for name in sorted({r.model for r in cfg.routing}):
-                    try:
-                        pool.get(name)
-                    except Exception:
-                        LOG.exception("model %s cannot be loaded; its jobs will fail", name)
+                self._preload(pool)
             self.worker = InferenceWorker(
                 cfg, self.index, self.queue, pool, outbox=self.outbox,
                 on_enqueued=self.dispatcher.wake if self.dispatcher else None, audit=self.audit,
@@ -168,6 +164,24 @@ class Node:
                                 audit=self.audit)
         if cfg.retention.enabled:
             self._start_retention()
+
+    def _preload(self, pool: ModelPool) -> None:
+        """Load every routed model onto its device, and warm the result path once."""
+        from dicomnode.results import kinds_for, warm_up
+
+        cfg = self.config
+        kinds = kinds_for(cfg.destinations)
+        for name in sorted({r.model for r in cfg.routing}):
+            try:
+                model = pool.get(name)
+            except Exception:
+                LOG.exception("model %s cannot be loaded; its jobs will fail", name)
+                continue
+            if kinds:
+                try:
+                    warm_up(model.manifest, kinds)
+                except Exception:
+                    LOG.exception("warming up the result path for %s failed", name)
 
     def _start_retention(self) -> None:
         cfg = self.config

@@ -96,7 +96,9 @@ def _check_file(path: Path) -> list[str]:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
         return [f"pydicom: cannot read back: {type(exc).__name__}: {exc}"]
-    return _read_back(path, str(header.get("SOPClassUID", ""))) + _dciodvfy(path)
+    proc = _start_dciodvfy(path)  # runs in its own process while we read the file back
+    problems = _read_back(path, str(header.get("SOPClassUID", "")))
+    return problems + _dciodvfy_result(proc, path)
 
 
 def _read_back(path: Path, sop_class: str) -> list[str]:
@@ -129,21 +131,33 @@ _ERROR_LINE = re.compile(r"^\s*(Error|Abort)\b")
 _warned_missing = False
 
 
-def _dciodvfy(path: Path) -> list[str]:
+def _start_dciodvfy(path: Path) -> subprocess.Popen[str] | None:
     global _warned_missing
     exe = shutil.which("dciodvfy")
     if exe is None:
         if not _warned_missing:
             logger.warning("dciodvfy is not installed: IOD checks skipped")
             _warned_missing = True
+        return None
+    return subprocess.Popen([exe, "-filename", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, errors="replace")
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    return _dciodvfy_result(_start_dciodvfy(path), path)
+
+
+def _dciodvfy_result(proc: subprocess.Popen[str] | None, path: Path) -> list[str]:
+    if proc is None:
         return []
     try:
-        run = subprocess.run([exe, "-filename", str(path)], capture_output=True, text=True,
-                             timeout=DCIODVFY_TIMEOUT_S, errors="replace")
+        stdout, stderr = proc.communicate(timeout=DCIODVFY_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return [f"dciodvfy: no answer within {DCIODVFY_TIMEOUT_S:g} s"]
     out: list[str] = []
-    for line in (run.stdout + "\n" + run.stderr).splitlines():
+    for line in (stdout + "\n" + stderr).splitlines():
         line = line.strip()
         # with -filename, lines are prefixed "path: "
         if line.startswith(str(path)):
