@@ -129,11 +129,11 @@ def warm_up(manifest: Manifest, kinds: Sequence[str]) -> None:
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dicomnode-warmup-") as tmp:
-        paths = make_ct_series(Path(tmp) / "src", 4, 32, 32)
+        paths = make_ct_series(Path(tmp) / "src", 8, 512, 512)  # real-sized slices
         volume = load_series(paths)
         labels = np.zeros(volume.shape, dtype=np.uint8)
         for i, label in enumerate(manifest.labels):
-            labels[:, 4 + 6 * i : 8 + 6 * i, 4:12] = label.value
+            labels[:, 40 + 60 * i : 80 + 60 * i, 40:120] = label.value
         names = [label.name for label in manifest.labels]
         inp = EncodeInput(
             source_paths=tuple(paths), labels=labels, manifest=manifest,
