@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from dicomnode.errors import DicomNodeError
+from dicomnode.fsutil import fsync_dir as _fsync_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -282,12 +283,6 @@ def _write_file(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_data_key(folder: Path, key_id: str) -> None:

@@ -69,6 +69,7 @@ from dicomnode.audit.keys import (
     public_keys_of,
 )
 from dicomnode.errors import DicomNodeError
+from dicomnode.fsutil import fsync_dir as _fsync_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -206,12 +207,6 @@ def _segments(folder: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

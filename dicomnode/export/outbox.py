@@ -49,6 +49,7 @@ from pydicom.filereader import read_file_meta_info
 
 from dicomnode.db import ThreadLocalSQLite
 from dicomnode.export.base import DeliveryOutcome, Result
+from dicomnode.fsutil import fsync_dir as _fsync_dir
 from dicomnode.queue.base import backoff_delay
 
 LOG = logging.getLogger(__name__)
@@ -167,12 +168,6 @@ class _FileInfo:
     size: int
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ids(ids: int | Iterable[int]) -> list[int]:

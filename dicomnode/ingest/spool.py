@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicomnode.errors import InvalidUIDError, StorageError
+from dicomnode.fsutil import fsync_dir as _fsync_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ def validate_uid(uid: object, what: str = "UID") -> str:
     return uid
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
