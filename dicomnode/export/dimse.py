@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomnode.config import DestinationTls
 from dicomnode.errors import DestinationError
 from dicomnode.export.base import (
     DeliveryOutcome,
@@ -124,7 +126,7 @@ def _set_nodelay(assoc: Association) -> None:
 
 
 class DimseSender:
-    """Sends to one peer as ``calling_ae``."""
+    """Sends to one peer as ``calling_ae``; over DICOM TLS (PS3.15 B.1) with ``tls``."""
 
     def __init__(
         self,
@@ -134,12 +136,19 @@ class DimseSender:
         acse_timeout: float = 30,
         dimse_timeout: float = 60,
         network_timeout: float = 60,
+        tls: DestinationTls | None = None,
     ) -> None:
         self.peer = peer
         self.calling_ae = calling_ae
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
+        self.tls = tls
+        self._tls_context: ssl.SSLContext | None = None
+        if tls is not None:
+            from dicomnode.ingest.tls import client_context
+
+            self._tls_context = client_context(tls)
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.calling_ae)
@@ -150,7 +159,15 @@ class DimseSender:
         return ae
 
     def _associate(self, ae: AE) -> Association:
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title)
+        tls_args = None
+        if self._tls_context is not None:
+            assert self.tls is not None
+            tls_args = (self._tls_context, self.tls.server_hostname or self.peer.host)
+        try:
+            assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
+                                 tls_args=tls_args)
+        except (OSError, ValueError) as exc:  # pynetdicom lets some TLS errors through
+            raise DestinationError(f"cannot associate with {self.peer}: {exc}") from exc
         if not assoc.is_established:
             if assoc.is_rejected:
                 raise DestinationError(f"{self.peer} rejected the association")
@@ -355,6 +372,7 @@ class DimseStoreSender(Sender):
         dimse_timeout: float | None = None,
         network_timeout: float | None = None,
         classify: StatusClassifier = classify_status,
+        tls: DestinationTls | None = None,
     ) -> None:
         if not isinstance(peer, Peer):
             raise TypeError(f"peer: must be a Peer, not {type(peer).__name__}")
@@ -369,6 +387,7 @@ class DimseStoreSender(Sender):
             acse_timeout=acse_timeout or timeout,
             dimse_timeout=dimse_timeout or timeout,
             network_timeout=network_timeout or timeout,
+            tls=tls,
         )
 
     def send(self, files: list[Path]) -> list[DeliveryOutcome]:

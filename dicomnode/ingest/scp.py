@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from dicomnode.ingest.diskguard import DiskGuard
 from dicomnode.ingest.header import encode_file_meta, read_header
 from dicomnode.ingest.reactor import FastRequestHandler
 from dicomnode.ingest.spool import Spool, validate_uid
+from dicomnode.ingest.tls import server_context
 
 LOG = logging.getLogger(__name__)
 
@@ -60,33 +62,84 @@ class _StudyTally:
 
 
 class NodeACSE(ACSE):
-    """ACSE that also enforces the config's allowlist of callers (AE title + host).
+    """ACSE that also enforces the config's allowlist of callers (AE title + host)
+    and the per-caller association limit.
 
     pynetdicom's own check knows only AE titles; ours adds the source address. A
     refused peer gets A-ASSOCIATE-RJ, permanent, service-user, "calling AE title not
-    recognized" (PS3.8 9.3.4).
+    recognized" (PS3.8 9.3.4). A caller already holding
+    ``ingest.max_associations_per_caller`` associations gets A-ASSOCIATE-RJ,
+    transient, service-provider (presentation), "local limit exceeded" (2, 3, 2) —
+    the same answer pynetdicom gives when ``max_associations`` is reached.
     """
+
+    def _reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
+        self.assoc.dicomnode_reject_reason = reason  # type: ignore[attr-defined]
+        self.send_reject(result, source, diagnostic)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+    def _open_from(self, calling: str) -> int:
+        """Other acceptor associations (on any of the AE's servers) from ``calling``."""
+        n = 0
+        for other in self.assoc.ae.active_associations:
+            if other is self.assoc or not other.is_acceptor:
+                continue
+            if other.is_released or other.is_aborted or other.is_rejected:
+                continue
+            if other.requestor.ae_title.strip() == calling:
+                n += 1
+        return n
 
     def _negotiate_as_acceptor(self) -> None:
         policy: NodeConfig | None = getattr(self.assoc, "node_config", None)
+        calling = self.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
+        address = self.assoc.requestor.address
         if policy is not None and policy.allowed_callers:
-            calling = self.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
-            address = self.assoc.requestor.address
             if not policy.caller_allowed(calling, address):
                 LOG.warning(
                     "rejecting association from %s at %s: calling AE title not allowed",
                     calling,
                     address,
                 )
-                self.send_reject(0x01, 0x01, 0x03)
-                evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-                self.assoc.kill()
+                self._reject(0x01, 0x01, 0x03, "calling AE title or address not allowed")
                 return
+        limit = policy.ingest.max_associations_per_caller if policy is not None else None
+        if limit is not None and self._open_from(calling) >= limit:
+            LOG.warning(
+                "rejecting association from %s at %s: it already holds %d (the limit)",
+                calling,
+                address,
+                limit,
+            )
+            self._reject(0x02, 0x03, 0x02, "too many associations from this calling AE title")
+            return
         super()._negotiate_as_acceptor()
 
 
 class NodeRequestHandler(FastRequestHandler):
     """Creates event-driven associations that carry the node's policy and use NodeACSE."""
+
+    def handle(self) -> None:
+        """Finish the TLS handshake (if any) in this connection's own thread, then run
+        the association. A peer that fails the handshake (plain DICOM on a TLS port, no
+        or an untrusted client certificate) or stalls in it longer than the ACSE timeout
+        is logged and disconnected; the server goes on."""
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.settimeout(self.server.ae.acse_timeout)  # type: ignore[attr-defined]
+                sock.do_handshake()
+                sock.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSError
+                LOG.warning("TLS handshake with %s failed: %s", self.client_address, exc)
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                return
+            LOG.debug("TLS %s with %s (%s)", sock.version(), self.client_address, sock.cipher())
+        super().handle()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -129,6 +182,22 @@ class NodeAssociationServer(ThreadedAssociationServer):
             return  # already listening
         super().server_activate()
 
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept; with TLS, wrap without handshaking here (pynetdicom would handshake
+        in the accepting thread, where one silent client stalls every other caller):
+        :meth:`NodeRequestHandler.handle` does it in the connection's thread."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            try:
+                client = self.ssl_context.wrap_socket(
+                    client, server_side=True, do_handshake_on_connect=False
+                )
+            except OSError:
+                client.close()
+                raise
+        return client, address
+
 
 class StoreSCP:
     """The C-ECHO/C-STORE service provider of the node."""
@@ -149,6 +218,9 @@ class StoreSCP:
         rc = config.retention
         self.disk_guard = DiskGuard(config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
         self._server: NodeAssociationServer | None = None
+        self._servers: list[NodeAssociationServer] = []
+        #: (host, port) of the separate TLS server, when ``ingest.tls.port`` is set
+        self.tls_address: tuple[str, int] | None = None
         self._in_flight = 0
         self._in_flight_cv = threading.Condition()
 
@@ -188,58 +260,85 @@ class StoreSCP:
         ]
 
         cfg = self.config
+        tls = cfg.ingest.tls
+        context = server_context(tls) if tls is not None else None
+
+        # without a separate TLS port the main port is TLS-only; with one, it stays plain
+        main = self._serve(ae, handlers, (cfg.bind_address, cfg.port), sock,
+                           context if tls is not None and tls.port is None else None)
+        self._server = main
+        if tls is not None and tls.port is not None:
+            tls_server = self._serve(ae, handlers, (cfg.bind_address, tls.port), None, context)
+            tls_host, tls_port = tls_server.server_address[:2]
+            self.tls_address = (str(tls_host), int(tls_port))
+        host, port = main.server_address[:2]
+        return str(host), int(port)
+
+    def _serve(
+        self,
+        ae: AE,
+        handlers: list[Any],
+        address: tuple[str, int],
+        sock: socket.socket | None,
+        context: ssl.SSLContext | None,
+    ) -> NodeAssociationServer:
+        """Start one association server (accepting in a daemon thread)."""
+        cfg = self.config
 
         class _Server(NodeAssociationServer):
             node_config = cfg
             adopted_socket = sock
 
-        server = ae.make_server(
-            (cfg.bind_address, cfg.port), evt_handlers=handlers, server_class=_Server
-        )
+        server = ae.make_server(address, evt_handlers=handlers, server_class=_Server,
+                                ssl_context=context)
+        # one AE, several servers: ae.active_associations (max_associations and the
+        # per-caller limit) counts the associations of all of them
         ae._servers.append(server)
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dimse-accept",
             daemon=True,
         )
         thread.start()
-        self._server = server
+        self._servers.append(server)
         host, port = server.server_address[:2]
-        LOG.info("DIMSE SCP %s listening on %s:%s", cfg.ae_title, host, port)
-        return str(host), int(port)
+        LOG.info("DIMSE SCP %s listening on %s:%s%s", cfg.ae_title, host, port,
+                 " (TLS)" if context is not None else "")
+        return server
+
+    def _active(self) -> list[Association]:
+        return [a for server in self._servers for a in server.active_associations]
 
     @property
     def active_associations(self) -> int:
-        return len(self._server.active_associations) if self._server else 0
+        return len(self._active())
 
     def stop_accepting(self) -> None:
         """Stop listening; associations already open go on."""
-        server = self._server
-        if server is None:
-            return
-        server.shutdown()  # stops serve_forever and closes the listening socket
+        for server in self._servers:
+            server.shutdown()  # stops serve_forever and closes the listening socket
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no association is open (or ``timeout``); True when idle."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._server is None or not self._server.active_associations:
+            if not self._active():
                 return True
             time.sleep(0.05)
         return False
 
     def stop(self, timeout: float = 30.0) -> None:
         """Graceful stop: no new associations, finish stores in flight, then abort the rest."""
-        server = self._server
-        if server is None:
+        if not self._servers:
             return
         self.stop_accepting()
         if not self.wait_idle(timeout):
             LOG.warning("associations still open after %.0f s; aborting them", timeout)
             with self._in_flight_cv:
                 self._in_flight_cv.wait_for(lambda: self._in_flight == 0, timeout=10)
-            for assoc in server.active_associations:
+            for assoc in self._active():
                 assoc.abort()
         self._server = None
+        self._servers = []
 
     # -- event handlers -----------------------------------------------------
 
@@ -249,7 +348,10 @@ class StoreSCP:
         rq = event.assoc.requestor
         self.audit.record(events.association,
             accepted, rq.ae_title.strip(), self.config.ae_title, rq.address,
-            reason=None if accepted else "calling AE title, address or called AE not allowed",
+            reason=None if accepted else getattr(
+                event.assoc, "dicomnode_reject_reason",
+                "calling AE title, address or called AE not allowed",
+            ),
         )
 
     def _handle_accepted(self, event: evt.Event) -> None:
@@ -317,6 +419,19 @@ class StoreSCP:
         sop_class = str(req.AffectedSOPClassUID or "")
         sop_uid_cmd = str(req.AffectedSOPInstanceUID or "")
         transfer_syntax = event.context.transfer_syntax
+
+        # The size limit comes first, before anything parses the dataset. pynetdicom
+        # has already buffered every P-DATA fragment of it in memory by now (the DIMSE
+        # layer hands a message to the handler only once it is complete), so this
+        # bounds what is written and indexed, not what is received; max_pdu_size and
+        # the network timeout bound the transfer itself.
+        limit = self.config.ingest.max_instance_bytes
+        if limit is not None:
+            size = req.DataSet.getbuffer().nbytes if req.DataSet is not None else 0
+            if size > limit:
+                LOG.warning("refused an instance of %d bytes from %s: larger than the"
+                            " limit of %d", size, calling_ae, limit)
+                return STATUS_OUT_OF_RESOURCES
 
         allowed = self.config.caller_sop_classes(calling_ae)
         if allowed is not None and sop_class not in allowed:
