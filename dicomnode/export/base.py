@@ -183,7 +183,7 @@ def make_sender(destination: Destination, calling_ae: str, **options: Any) -> Se
 
         assert destination.ae_title and destination.host and destination.port  # validated
         peer = Peer(destination.ae_title, destination.host, destination.port)
-        return DimseStoreSender(peer, calling_ae, **options)
+        return DimseStoreSender(peer, calling_ae, tls=destination.tls, **options)
     if destination.protocol == "stowrs":
         from dicomnode.export.stowrs import StowRsSender
 
