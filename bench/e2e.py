@@ -80,6 +80,7 @@ class PipelineNode(ib.DicomNode):
             "port": self.port,
             "storage": str(self.storage),
             "log_level": "INFO",
+            "http": {"port": 0},
             "models_dir": str(ROOT / "models"),
             "completion": {"quiet_seconds": self.quiet_seconds},
             "inference": {"preload": True},

@@ -382,6 +382,7 @@ class DicomNode(Receiver):
             "storage": str(self.storage),
             "ingest": {"processes": self.processes},
             "audit": {"enabled": self.audit},
+            "http": {"port": 0},
             "log_level": "INFO",
         }
         self.config_path.write_text(yaml.safe_dump(config))

@@ -236,6 +236,46 @@ class ExportConfig(_Model):
         return self
 
 
+class HttpToken(_Model):
+    """A bearer token allowed on the HTTP API, stored only as its SHA-256 (hex).
+
+    Make one with: python -c "import hashlib,secrets; t=secrets.token_urlsafe(32);
+    print(t, hashlib.sha256(t.encode()).hexdigest())"
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class HttpConfig(_Model):
+    """The HTTP front door: DICOMweb (STOW-RS, QIDO-RS, WADO-RS), /healthz, /readyz, /metrics.
+
+    Loopback by default; bind another address only with tokens (and HTTPS) set.
+    """
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (logged)")
+    tokens: tuple[HttpToken, ...] = Field(
+        default=(), description="when non-empty, DICOMweb requests need one of these bearer tokens"
+    )
+    certfile: Path | None = Field(default=None, description="HTTPS certificate chain")
+    keyfile: Path | None = None
+    ca_file: Path | None = Field(default=None, description="CA for client certificates (mTLS)")
+    require_client_cert: bool = False
+    public_url: str | None = Field(default=None, description="DICOMweb root as clients see it")
+    max_request_mb: float = Field(default=8192, gt=0)
+    max_part_mb: float = Field(default=2048, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> HttpConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+        if self.require_client_cert and (self.ca_file is None or self.certfile is None):
+            raise ValueError("require_client_cert needs certfile, keyfile and ca_file")
+        return self
+
+
 class AuditForwardConfig(_Model):
     """IHE ATNA forwarding: RFC 5424 syslog over TLS (RFC 5425) to an audit repository."""
 
@@ -390,6 +430,7 @@ class NodeConfig(_Model):
     destinations: tuple[Destination, ...] = ()
     export: ExportConfig = ExportConfig()
     audit: AuditConfig = AuditConfig()
+    http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()
     models_dir: Path = Field(default=Path("models"), description="folder of model folders")
     routing: tuple[Rule, ...] = Field(default=(), description="ordered routing rules")

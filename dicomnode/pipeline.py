@@ -135,9 +135,10 @@ class InferenceWorker:
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue, pool: ModelPool,
                  owner: str | None = None, outbox: Outbox | None = None,
                  on_enqueued: Callable[[], None] | None = None,
-                 audit: Audit | None = None) -> None:
+                 audit: Audit | None = None, metrics: Any = None) -> None:
         self.config = config
         self.audit: Audit = audit or NullAudit()
+        self.metrics = metrics
         self.outbox = outbox
         self._on_enqueued = on_enqueued
         self.index = index
@@ -206,6 +207,8 @@ class InferenceWorker:
             done.set()
             LOG.exception("job %s (%s) failed", job.id, job.model)
             self.audit.record(events.job, "failed", *audit_job, error=f"{type(exc).__name__}")
+            if self.metrics is not None:
+                self.metrics.job_finished(job.model, "failed")
             try:
                 released = self.queue.release(job.id, self.owner, error=f"{type(exc).__name__}: {exc}")
                 LOG.warning("job %s is now %s after %d attempt(s)", job.id,
@@ -214,6 +217,8 @@ class InferenceWorker:
                 LOG.exception("job %s: cannot record the failure", job.id)
             return
         done.set()
+        if self.metrics is not None:
+            self.metrics.job_finished(job.model, "done", float(result.get("seconds", 0.0)))
         self.audit.record(events.job, "finished", str(job.id), job.model,
                                      str(result.get("model_version", "")),
                                      job.payload["study_uid"], job.payload["series_uid"])

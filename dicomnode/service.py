@@ -23,6 +23,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -37,6 +38,7 @@ from dicomnode.ingest.completion import CompletionSink, CompletionTracker, Loggi
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
+from dicomnode.metrics import Metrics
 from dicomnode.pipeline import InferenceWorker, ModelPool, RoutingSink
 from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
@@ -63,6 +65,8 @@ class Node:
         self.config_source = config_source
         self.audit: Audit = NullAudit()
         self.purger: Purger | None = None
+        self.metrics: Metrics | None = None
+        self.http: Any = None
         self._retention_outbox: Outbox | None = None
         self._default_sink = sink is None
         self.sink: CompletionSink = sink or LoggingSink()
@@ -105,13 +109,17 @@ class Node:
         os.close(fd)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.start()
+        self.metrics = Metrics(index=self.index)
         if self._default_sink:
             self._start_pipeline()
         self.tracker = CompletionTracker(cfg.completion, self.index, self.scheduler, self.sink)
         self.tracker.start()
+        self.metrics.attach(queue=self.queue, outbox=self.outbox)
+        if cfg.http.enabled:
+            self._start_http()
         if cfg.ingest.processes == 1:
             self.scp = StoreSCP(cfg, self.spool, self.index, on_released=self.tracker.notify,
-                                audit=self.audit)
+                                audit=self.audit, metrics=self.metrics)
             self.address = self.scp.start()
         else:
             self._start_workers()
@@ -157,6 +165,7 @@ class Node:
             self.worker = InferenceWorker(
                 cfg, self.index, self.queue, pool, outbox=self.outbox,
                 on_enqueued=self.dispatcher.wake if self.dispatcher else None, audit=self.audit,
+                metrics=self.metrics,
             )
             self.worker.start()
         self.sink = RoutingSink(cfg, self.index, self.queue,
@@ -164,6 +173,21 @@ class Node:
                                 audit=self.audit)
         if cfg.retention.enabled:
             self._start_retention()
+
+    def _start_http(self) -> None:
+        from dicomnode.http import build_app, start_http
+
+        cfg = self.config
+        assert self.spool is not None and self.index is not None
+        databases = [Index.path_for(cfg.storage)]
+        if self.queue is not None:
+            databases.append(SQLiteJobQueue.path_for(cfg.storage))
+        app = build_app(cfg, self.spool, self.index, self.metrics, databases,
+                        scheduler=lambda: self.scheduler)
+        self.http = start_http(cfg, app)
+        LOG.info("HTTP (DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
+                 "https" if cfg.http.certfile else "http", cfg.http.bind_address,
+                 self.http.port)
 
     def _preload(self, pool: ModelPool) -> None:
         """Load every routed model onto its device, and warm the result path once."""
@@ -247,6 +271,8 @@ class Node:
             return
         self._stopping = True
         LOG.info("shutting down: no new associations; waiting for stores in flight")
+        if self.http is not None:
+            self.http.stop()  # no new STOW requests
         if self.scp is not None:
             self.scp.stop(timeout)
         if self._workers:

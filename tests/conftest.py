@@ -77,6 +77,7 @@ class NodeProcess:
     def __init__(self, workdir: Path, settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.http_port = free_port()
         self.storage = workdir / "storage"
         self.config_path = workdir / "node.yaml"
         self.log_path = workdir / "node.log"
@@ -86,6 +87,7 @@ class NodeProcess:
             "port": self.port,
             "storage": str(self.storage),
             "completion": {"quiet_seconds": 1.0},
+            "http": {"port": self.http_port},
             "log_level": "INFO",
         }
         for key, value in (settings or {}).items():

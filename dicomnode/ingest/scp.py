@@ -209,12 +209,14 @@ class StoreSCP:
         index: Index,
         on_released: Callable[[], None] | None = None,
         audit: Audit | None = None,
+        metrics: Any = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.index = index
         self._on_released = on_released
         self.audit: Audit = audit or NullAudit()
+        self.metrics = metrics  # dicomnode.metrics.Metrics, in the process serving /metrics
         rc = config.retention
         self.disk_guard = DiskGuard(config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
         self._server: NodeAssociationServer | None = None
@@ -343,6 +345,8 @@ class StoreSCP:
     # -- event handlers -----------------------------------------------------
 
     def _audit_association(self, event: evt.Event, accepted: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.association(accepted, None if accepted else "rejected at association")
         from dicomnode.audit import events
 
         rq = event.assoc.requestor

@@ -1,0 +1,61 @@
+"""The running node's HTTP side: health, readiness, metrics of a real run, and
+DICOMweb behind its tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from conftest import dicom_files, shared, storescu
+from prometheus_client.parser import text_string_to_metric_families
+
+from dicomnode.synthetic import make_ct_series
+
+TOKEN = "test-token-not-a-secret"
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_health_readiness_and_metrics_of_a_run(node_factory: Any) -> None:
+    chest = dicom_files(shared("tcia-lung-pet-ct-dx"))
+    node = node_factory().start()
+    base = f"http://127.0.0.1:{node.http_port}"
+    assert _get(f"{base}/healthz")[0] == 200
+    status, body = _get(f"{base}/readyz")
+    assert status == 200, body
+    assert json.loads(body)["status"] == "ok"
+    assert storescu(node.port, chest).returncode == 0
+    node.wait_for(lambda: node.status()["studies"][0]["state"] == "complete", timeout=60)
+    status, body = _get(f"{base}/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    stored = sum(s.value for s in families["dicomnode_index_instances"].samples)
+    assert stored == len(chest)
+    accepted = [s for s in families["dicomnode_associations"].samples
+                if s.labels.get("result") == "accepted" and s.name.endswith("_total")]
+    assert accepted and accepted[0].value >= 1
+    assert "dicomnode_jobs" in families and "dicomnode_index_completions" in families
+
+
+def test_dicomweb_needs_the_token(node_factory: Any, tmp_path: Any) -> None:
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    node = node_factory({"http": {"tokens": [{"name": "pacs", "sha256": digest}]}}).start()
+    base = f"http://127.0.0.1:{node.http_port}"
+    assert storescu(node.port, make_ct_series(tmp_path / "s", 2, 32, 32)).returncode == 0
+    assert _get(f"{base}/dicom-web/studies")[0] == 401
+    assert _get(f"{base}/dicom-web/studies", token="wrong")[0] == 401
+    status, body = _get(f"{base}/dicom-web/studies", token=TOKEN)
+    assert status == 200 and len(json.loads(body)) == 1
+    assert _get(f"{base}/healthz")[0] == 200  # probes need no token
