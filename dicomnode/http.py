@@ -27,11 +27,12 @@ from dicomnode.web.app import ServerHandle
 
 
 def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
-              databases: list[Path], scheduler: Callable[[], Any]) -> Starlette:
+              databases: list[Path], scheduler: Callable[[], Any],
+              audit: Any = None) -> Starlette:
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
     dicomweb = make_app(
-        config, spool, index, tokens=tokens, public_url=hc.public_url,
+        config, spool, index, tokens=tokens, public_url=hc.public_url, audit=audit,
         limits=WebLimits(max_request_bytes=int(hc.max_request_mb * (1 << 20)),
                          max_part_bytes=int(hc.max_part_mb * (1 << 20))),
     )

@@ -183,7 +183,7 @@ class Node:
         if self.queue is not None:
             databases.append(SQLiteJobQueue.path_for(cfg.storage))
         app = build_app(cfg, self.spool, self.index, self.metrics, databases,
-                        scheduler=lambda: self.scheduler)
+                        scheduler=lambda: self.scheduler, audit=self.audit)
         self.http = start_http(cfg, app)
         LOG.info("HTTP (DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
                  "https" if cfg.http.certfile else "http", cfg.http.bind_address,

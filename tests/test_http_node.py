@@ -59,3 +59,29 @@ def test_dicomweb_needs_the_token(node_factory: Any, tmp_path: Any) -> None:
     status, body = _get(f"{base}/dicom-web/studies", token=TOKEN)
     assert status == 200 and len(json.loads(body)) == 1
     assert _get(f"{base}/healthz")[0] == 200  # probes need no token
+
+
+def test_stow_rs_into_the_node_is_stored_completed_and_audited(node_factory: Any,
+                                                                tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    import pydicom
+    from dicomweb_client.api import DICOMwebClient
+
+    files = make_ct_series(tmp_path / "s", 3, 32, 32)
+    node = node_factory().start()
+    client = DICOMwebClient(f"http://127.0.0.1:{node.http_port}/dicom-web")
+    client.store_instances([pydicom.dcmread(f) for f in files])
+    study = node.wait_for(lambda: [s for s in node.status()["studies"]
+                                   if s["state"] == "complete"], timeout=60)[0]
+    assert study["instances"] == 3 and study["calling_ae"] == "STOW-RS"  # completes like C-STORE
+    assert node.stop() == 0
+    out = subprocess.run([sys.executable, "-m", "dicomnode", "audit", "export", "--config",
+                          str(node.config_path)], capture_output=True, text=True, timeout=60)
+    records = json.loads(out.stdout)
+    transferred = [r for r in records
+                   if r["event"]["EventIdentification"]["EventID"]["originalText"]
+                   == "DICOM Instances Transferred" and "STOW-RS" in json.dumps(r)]
+    assert len(transferred) == 1
+    assert "SYNTH0001" in json.dumps(transferred[0])  # patient only inside the encrypted record

@@ -25,7 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
 from dicomnode.index import Index, InstanceRecord
 from dicomnode.ingest.diskguard import DiskGuard
@@ -178,9 +179,21 @@ class _HeaderCache:
 
 # -- the application -------------------------------------------------------------------------
 
+@dataclass
+class _StudyTally:
+    """What one STOW-RS request brought of one study (for its audit event)."""
+
+    patient_id: str
+    patient_name: str
+    sop_classes: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+
+
 class DicomWeb:
-    def __init__(self, config: Any, spool: Spool, index: Index, limits: WebLimits) -> None:
+    def __init__(self, config: Any, spool: Spool, index: Index, limits: WebLimits,
+                 audit: Audit | None = None) -> None:
         self.config = config
+        self.audit: Audit = audit or NullAudit()
         self.spool = spool
         self.index = index
         self.limits = limits
@@ -216,6 +229,7 @@ class DicomWeb:
         base = _base_url(request)
         received = 0
         pending: list[Part] = []
+        tallies: dict[str, _StudyTally] = {}
         try:
             async for chunk in request.stream():
                 received += len(chunk)
@@ -227,7 +241,7 @@ class DicomWeb:
                 while pending:
                     part = pending.pop(0)
                     await run_in_threadpool(self._store_part, part, study_param, base,
-                                            referenced, failed)
+                                            referenced, failed, tallies)
             parser.finish()
         except MultipartError as exc:
             LOG.warning("STOW-RS request refused: %s", exc.reason)
@@ -247,6 +261,7 @@ class DicomWeb:
             for p in pending:
                 p.discard()
             parser.close()
+        self._audit(request, tallies)
         if not referenced and not failed:
             LOG.warning("STOW-RS request refused: no instances in it")
             return _error(400, "no instances in the request")
@@ -260,8 +275,20 @@ class DicomWeb:
         status = 200 if not failed else (202 if referenced else 409)
         return JSONResponse(body, status, media_type=DICOM_JSON)
 
+    def _audit(self, request: Request, tallies: dict[str, _StudyTally]) -> None:
+        """One 'DICOM Instances Transferred' event per study a request brought."""
+        from dicomnode.audit import events
+
+        address = request.client.host if request.client else ""
+        for study_uid, t in tallies.items():
+            self.audit.record(events.instances_received, CALLING_AE, address,
+                              str(getattr(self.config, "ae_title", "")), study_uid,
+                              dict(t.sop_classes), t.patient_id, t.patient_name,
+                              outcome=0 if not t.failed else 4)
+
     def _store_part(self, part: Part, study_param: str | None, base: str,
-                    referenced: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+                    referenced: list[dict[str, Any]], failed: list[dict[str, Any]],
+                    tallies: dict[str, _StudyTally] | None = None) -> None:
         try:
             outcome = self._store_file(part, study_param)
         except Exception:
@@ -270,6 +297,13 @@ class DicomWeb:
         finally:
             part.discard()
         reason, sop_class, sop_uid, where = outcome
+        if where is not None and tallies is not None:
+            study_uid, _series, patient_id, patient_name = where
+            tally = tallies.setdefault(study_uid, _StudyTally(patient_id, patient_name))
+            if reason == 0:
+                tally.sop_classes[sop_class] = tally.sop_classes.get(sop_class, 0) + 1
+            else:
+                tally.failed += 1
         item: dict[str, Any] = {}
         if sop_class:
             item["00081150"] = _attr("UI", sop_class)
@@ -277,7 +311,7 @@ class DicomWeb:
             item["00081155"] = _attr("UI", sop_uid)
         if reason == 0:
             assert where is not None
-            study, series = where
+            study, series = where[0], where[1]
             item["00081190"] = _attr(
                 "UR", f"{base}/studies/{study}/series/{series}/instances/{sop_uid}")
             referenced.append(item)
@@ -285,8 +319,8 @@ class DicomWeb:
             item["00081197"] = _attr("US", reason)
             failed.append(item)
 
-    def _store_file(self, part: Part,
-                    study_param: str | None) -> tuple[int, str, str, tuple[str, str] | None]:
+    def _store_file(self, part: Part, study_param: str | None
+                    ) -> tuple[int, str, str, tuple[str, str, str, str] | None]:
         ctype = part.content_type
         if ctype not in ("application/dicom", ""):
             return FAIL_SOP_CLASS_NOT_SUPPORTED, "", "", None
@@ -325,7 +359,7 @@ class DicomWeb:
             return FAIL_CANNOT_UNDERSTAND, sop_class, sop_uid, None
         if study_param is not None and header.study_uid != study_param:
             return FAIL_MISMATCH, sop_class, sop_uid, None
-        where = (header.study_uid, header.series_uid)
+        where = (header.study_uid, header.series_uid, header.patient_id, header.patient_name)
         ok, why = self.disk_guard.check()
         if not ok:
             LOG.error("refused a STOW-RS instance: %s", why)
@@ -678,14 +712,15 @@ def _multipart(parts: list[tuple[Path | bytes, str]], media: str) -> StreamingRe
 
 def make_app(config: Any, spool: Spool, index: Index, *,
              tokens: dict[str, str] | None = None,
-             limits: WebLimits | None = None, public_url: str | None = None) -> ASGIApp:
+             limits: WebLimits | None = None, public_url: str | None = None,
+             audit: Audit | None = None) -> ASGIApp:
     """The DICOMweb ASGI application (routes under /dicom-web).
 
     ``public_url``: the DICOMweb root clients reach (e.g. behind a reverse proxy,
     ``https://node.example.org/dicom-web``) for the URLs in responses; by default it is
     derived from each request.
     """
-    web = DicomWeb(config, spool, index, limits or WebLimits())
+    web = DicomWeb(config, spool, index, limits or WebLimits(), audit)
 
     def guarded(fn: Any) -> Any:
         async def endpoint(request: Request) -> Response:
