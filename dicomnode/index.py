@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     received_at REAL NOT NULL,
     path TEXT NOT NULL,
-    expected_count INTEGER
+    expected_count INTEGER,
+    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'result'))
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -91,6 +92,9 @@ class InstanceRecord:
     path: str
     expected_count: int | None = None
     called_ae: str = ""
+    # 'result': an object the node made (SEG, SR, ...), indexed so that QIDO/WADO serve
+    # it; results never re-open a study, count towards completion or get routed
+    origin: str = "received"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +163,7 @@ class Index:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid,"
                 " series_uid, transfer_syntax, calling_ae, called_ae, size, received_at, path,"
-                " expected_count) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.sop_instance_uid,
                     rec.sop_class_uid,
@@ -172,10 +176,11 @@ class Index:
                     rec.received_at,
                     rec.path,
                     rec.expected_count,
+                    rec.origin,
                 ),
             )
-            if cur.rowcount == 0:
-                return False
+            if cur.rowcount == 0 or rec.origin != "received":
+                return cur.rowcount > 0
             conn.execute(
                 "INSERT INTO studies (study_uid, state, first_received, last_received, calling_ae)"
                 " VALUES (?, 'receiving', ?, ?, ?)"
@@ -186,7 +191,8 @@ class Index:
         return True
 
     def indexed_paths(self) -> set[str]:
-        return {r[0] for r in self._conn().execute("SELECT path FROM instances")}
+        return {r[0] for r in self._conn().execute(
+            "SELECT path FROM instances WHERE origin = 'received'")}
 
     def remove_instances(self, paths: list[str]) -> None:
         with self.transaction() as conn:
@@ -208,6 +214,7 @@ class Index:
             self._conn()
             .execute(
                 "SELECT max(id), study_uid, max(received_at) FROM instances WHERE id > ?"
+                " AND origin = 'received'"
                 " GROUP BY study_uid",
                 (last_id,),
             )
@@ -251,7 +258,8 @@ class Index:
         row = (
             self._conn()
             .execute(
-                "SELECT count(*), max(expected_count) FROM instances WHERE study_uid = ?",
+                "SELECT count(*), max(expected_count) FROM instances WHERE study_uid = ?"
+                " AND origin = 'received'",
                 (study_uid,),
             )
             .fetchone()
@@ -273,7 +281,8 @@ class Index:
                 return None
             revision = int(row[1]) + 1
             count = conn.execute(
-                "SELECT count(*) FROM instances WHERE study_uid = ?", (study_uid,)
+                "SELECT count(*) FROM instances WHERE study_uid = ? AND origin = 'received'",
+                (study_uid,)
             ).fetchone()[0]
             conn.execute(
                 "UPDATE studies SET state='complete', revision=?, completed_at=?"
@@ -307,7 +316,8 @@ class Index:
         """The instances of a study grouped by series, in arrival order."""
         out: dict[str, list[sqlite3.Row]] = {}
         for row in self.query(
-            "SELECT * FROM instances WHERE study_uid = ? ORDER BY id", (study_uid,)
+            "SELECT * FROM instances WHERE study_uid = ? AND origin = 'received' ORDER BY id",
+            (study_uid,)
         ):
             out.setdefault(row["series_uid"], []).append(row)
         return out

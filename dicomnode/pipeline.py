@@ -274,6 +274,7 @@ class InferenceWorker:
         inp = encode_input(result, manifest, Path(self.config.storage), sources,
                            self._replaced(job), labels=labels)
         objects = encode_objects(inp, kinds, self.result_dir(job) / "objects")
+        self._index_results([p for paths in objects.values() for p in paths])
         if self.outbox is not None:
             for dest in destinations:
                 files = [f for k in dest.objects for f in objects.get(k, [])]
@@ -282,6 +283,28 @@ class InferenceWorker:
             if self._on_enqueued is not None:
                 self._on_enqueued()
         return {k: [p.stem for p in v] for k, v in objects.items()}
+
+    def _index_results(self, paths: list[Path]) -> None:
+        """Index the result objects (origin 'result') so that QIDO-RS/WADO-RS serve them;
+        they never re-open the study nor take part in routing."""
+        from pydicom import dcmread
+
+        from dicomnode.index import InstanceRecord
+
+        storage = Path(self.config.storage)
+        for path in paths:
+            ds = dcmread(path, stop_before_pixels=True,
+                         specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            meta = ds.file_meta
+            self.index.add_instance(InstanceRecord(
+                sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+                sop_class_uid=str(meta.MediaStorageSOPClassUID),
+                study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                transfer_syntax=str(meta.TransferSyntaxUID), calling_ae=self.config.ae_title,
+                size=path.stat().st_size, received_at=time.time(),
+                path=str(path.relative_to(storage)), called_ae=self.config.ae_title,
+                origin="result",
+            ))
 
     def _infer(self, job: Job) -> dict[str, Any]:
         from dicomnode.inference.volume import load_series

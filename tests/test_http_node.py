@@ -85,3 +85,39 @@ def test_stow_rs_into_the_node_is_stored_completed_and_audited(node_factory: Any
                    == "DICOM Instances Transferred" and "STOW-RS" in json.dumps(r)]
     assert len(transferred) == 1
     assert "SYNTH0001" in json.dumps(transferred[0])  # patient only inside the encrypted record
+
+
+def test_results_are_served_by_qido_and_wado_and_do_not_reopen_the_study(
+        node_factory: Any) -> None:
+    from conftest import ROOT, free_port
+
+    chest = dicom_files(shared("tcia-lung-pet-ct-dx"))
+    node = node_factory({
+        "models_dir": str(ROOT / "models"),
+        # a PACS that is down: results are made and kept in the outbox meanwhile
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": free_port(), "objects": ["seg", "sr"]}],
+        "routing": [{"name": "lung", "model": "lung_density", "destinations": ["pacs"],
+                     "match": {"modality": ["CT"], "body_part": "chest"}}],
+    }).start(timeout=120)
+    assert storescu(node.port, chest).returncode == 0
+    node.wait_for(lambda: [j for j in node.status()["jobs"] if j["state"] == "done"],
+                  timeout=240, interval=0.5)
+    base = f"http://127.0.0.1:{node.http_port}/dicom-web"
+    study_uid = node.status()["studies"][0]["study_uid"]
+    status, body = _get(f"{base}/studies/{study_uid}/series")
+    assert status == 200
+    modalities = sorted(s["00080060"]["Value"][0] for s in json.loads(body))
+    assert modalities == ["CT", "SEG", "SR"]
+    seg_series = next(s for s in json.loads(body) if s["00080060"]["Value"][0] == "SEG")
+    seg_series_uid = seg_series["0020000E"]["Value"][0]
+    status, body = _get(f"{base}/studies/{study_uid}/series/{seg_series_uid}/metadata")
+    assert status == 200 and json.loads(body)[0]["00080016"]["Value"][0] == \
+        "1.2.840.10008.5.1.4.1.1.66.4"
+    import time
+
+    time.sleep(2)  # more than the quiet window: a re-opened study would complete again
+    studies = node.status()["studies"]
+    assert len(studies) == 1 and studies[0]["revision"] == 1 and studies[0]["state"] == "complete"
+    assert studies[0]["instances"] == len(chest) + 2  # the CT plus its SEG and SR, listed
+    assert len(node.status()["jobs"]) == 1  # results were not routed as a new study
