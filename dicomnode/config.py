@@ -264,6 +264,9 @@ class HttpConfig(_Model):
     ca_file: Path | None = Field(default=None, description="CA for client certificates (mTLS)")
     require_client_cert: bool = False
     public_url: str | None = Field(default=None, description="DICOMweb root as clients see it")
+    cors_origins: tuple[str, ...] = Field(
+        default=(), description="browser origins allowed to call DICOMweb (e.g. an OHIF viewer)"
+    )
     max_request_mb: float = Field(default=8192, gt=0)
     max_part_mb: float = Field(default=2048, gt=0)
 

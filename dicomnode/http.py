@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -52,12 +54,18 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
+    middleware = []
+    if hc.cors_origins:  # a viewer (e.g. OHIF) served from another origin
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(hc.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
+        ))
     return Starlette(routes=[
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Mount("/", app=dicomweb),
-    ])
+    ], middleware=middleware)
 
 
 def start_http(config: NodeConfig, app: Starlette) -> ServerHandle:

@@ -154,7 +154,7 @@ class Node:
                 max_age=ec.give_up_after_hours * 3600 if ec.give_up_after_hours else None,
             )
             self.dispatcher = Dispatcher(self.outbox, cfg.destinations, cfg.ae_title,
-                                         audit=self.audit)
+                                         audit=self.audit, on_delivered=self._delivered)
             self.dispatcher.start()
         if cfg.inference.enabled and cfg.routing:
             from dicomnode.inference.device import choose_device
@@ -173,6 +173,16 @@ class Node:
                                 audit=self.audit)
         if cfg.retention.enabled:
             self._start_retention()
+
+    def _delivered(self, job_key: str, destination: str) -> None:
+        """Turnaround metric: last instance of the study to its results delivered."""
+        if self.metrics is None or self.index is None:
+            return
+        study_uid, *_rest, model = job_key.split("/")
+        rows = self.index.query("SELECT last_received FROM studies WHERE study_uid = ?",
+                                (study_uid,))
+        if rows:
+            self.metrics.turnaround(model, time.time() - float(rows[0]["last_received"]))
 
     def _start_http(self) -> None:
         from dicomnode.http import build_app, start_http

@@ -121,3 +121,12 @@ def test_results_are_served_by_qido_and_wado_and_do_not_reopen_the_study(
     assert len(studies) == 1 and studies[0]["revision"] == 1 and studies[0]["state"] == "complete"
     assert studies[0]["instances"] == len(chest) + 2  # the CT plus its SEG and SR, listed
     assert len(node.status()["jobs"]) == 1  # results were not routed as a new study
+
+
+def test_cors_for_a_viewer_on_another_origin(node_factory: Any) -> None:
+    node = node_factory({"http": {"cors_origins": ["http://viewer.example"]}}).start()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.http_port}/dicom-web/studies", method="OPTIONS",
+        headers={"Origin": "http://viewer.example", "Access-Control-Request-Method": "GET"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Access-Control-Allow-Origin"] == "http://viewer.example"

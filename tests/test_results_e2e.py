@@ -132,6 +132,15 @@ def test_orthanc_sends_the_chest_ct_and_gets_seg_sr_and_fallbacks(node_factory: 
     assert len({d["sop_instance_uid"] for d in sent}) == len(sent) == 3 + len(series["OT"])
     assert pacs.count_instances() == 64 + len(sent)
 
+    # IT's view: the turnaround (last instance -> results delivered) per model
+    import urllib.request
+
+    metrics = urllib.request.urlopen(
+        f"http://127.0.0.1:{node.http_port}/metrics", timeout=10).read().decode()
+    count = [line for line in metrics.splitlines()
+             if line.startswith('dicomnode_turnaround_seconds_count{model="lung_density"}')]
+    assert count and float(count[0].split()[-1]) >= 1, count
+
     _write_overlay_png(pacs, series["CT"], seg, source_uids, numbers)
 
 

@@ -43,8 +43,12 @@ class Dispatcher:
         batch_size: int = DEFAULT_BATCH_SIZE,
         idle_wait: float = DEFAULT_IDLE_WAIT,
         audit: Audit | None = None,
+        on_delivered: Callable[[str, str], None] | None = None,
     ) -> None:
         self.audit: Audit = audit or NullAudit()
+        # called once per (job key, destination) with the first object delivered
+        self._on_delivered = on_delivered
+        self._delivered: set[tuple[str, str]] = set()
         if not isinstance(outbox, Outbox):
             raise TypeError(f"outbox: must be an Outbox, not {type(outbox).__name__}")
         names = [d.name for d in destinations]
@@ -106,6 +110,14 @@ class Dispatcher:
             outcomes = [DeliveryOutcome.transient(f, f"sender error: {exc}") for f in files]
         updated = self.outbox.record(zip((d.id for d in batch), outcomes, strict=True))
         self._audit(destination, batch, outcomes, updated)
+        if self._on_delivered is not None:
+            for d, o in zip(batch, outcomes, strict=True):
+                if o.ok and (d.key, destination) not in self._delivered:
+                    self._delivered.add((d.key, destination))
+                    try:
+                        self._on_delivered(d.key, destination)
+                    except Exception:
+                        LOG.exception("delivery callback failed")
         ok = sum(1 for o in outcomes if o.ok)
         if ok:
             LOG.info("outbox: %d of %d object(s) delivered to %s", ok, len(batch), destination)
