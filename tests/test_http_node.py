@@ -114,6 +114,15 @@ def test_results_are_served_by_qido_and_wado_and_do_not_reopen_the_study(
     status, body = _get(f"{base}/studies/{study_uid}/series/{seg_series_uid}/metadata")
     assert status == 200 and json.loads(body)[0]["00080016"]["Value"][0] == \
         "1.2.840.10008.5.1.4.1.1.66.4"
+    # and the way a DICOMweb client reads them back
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(base)
+    [seg_instance] = client.search_for_instances(study_uid, seg_series_uid)
+    seg = client.retrieve_instance(study_uid, seg_series_uid,
+                                   seg_instance["00080018"]["Value"][0])
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == study_uid
+    assert len(seg.SegmentSequence) == 2
     import time
 
     time.sleep(2)  # more than the quiet window: a re-opened study would complete again
