@@ -124,3 +124,43 @@ def device_observer(manifest: Manifest) -> hd.sr.ObserverContext:
 def lo(text: str) -> str:
     """Fit a Long String (64 characters)."""
     return text if len(text) <= 64 else text[:61] + "..."
+
+
+def copy_body_part(source: Dataset, ds: Dataset, *, laterality: bool = True) -> None:
+    """Body Part Examined and Laterality of the source (General Series, PS3.3 C.7.3.1).
+
+    Laterality is Type 2C (paired body parts): for GSPS and secondary capture, where the
+    source names no body part it is left empty ("unknown") rather than absent. dciodvfy
+    treats an empty Laterality in a SEG as present when the condition is unmet, so SEG
+    copies the body part only (``laterality=False``).
+    """
+    body = str(source.get("BodyPartExamined", "") or "")
+    if body:
+        ds.BodyPartExamined = body
+    if not laterality:
+        return
+    side = str(source.get("Laterality", "") or "")
+    if side or not body:
+        ds.Laterality = side
+
+
+_REFERENCE_SEQUENCES = ("ReferencedStudySequence", "ReferencedPatientSequence",
+                        "ReferencedPerformedProcedureStepSequence")
+
+
+def drop_incomplete_references(ds: Dataset) -> None:
+    """Drop items of copied patient/study references that lack their SOP class or instance.
+
+    Some de-identified sources carry e.g. a Referenced Study Sequence item without its
+    Referenced SOP Class UID (Type 1 in the SOP Instance Reference Macro, PS3.3 10.8);
+    copied as is, the result would inherit the source's error.
+    """
+    for keyword in _REFERENCE_SEQUENCES:
+        if keyword not in ds:
+            continue
+        items = [item for item in ds[keyword].value
+                 if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")]
+        if items:
+            ds[keyword].value = items
+        else:
+            del ds[keyword]

@@ -45,7 +45,9 @@ from dicomnode.encode.equipment import (
     MANUFACTURER,
     content_label,
     contributing_equipment,
+    copy_body_part,
     device_serial_number,
+    drop_incomplete_references,
     lo,
     model_title,
     series_number,
@@ -354,39 +356,3 @@ def is_lung_ct(manifest: Manifest, modality: str) -> bool:
     words = [manifest.name, *(lab.name for lab in manifest.labels),
              *(lab.type.meaning for lab in manifest.labels)]
     return any("lung" in w.lower() for w in words)
-
-
-def copy_body_part(source: Dataset, ds: Dataset) -> None:
-    """Body Part Examined and Laterality of the source (General Series, PS3.3 C.7.3.1).
-
-    Laterality is Type 2C (paired body parts): where the source names no body part it
-    is left empty ("unknown") rather than absent.
-    """
-    body = str(source.get("BodyPartExamined", "") or "")
-    if body:
-        ds.BodyPartExamined = body
-    laterality = str(source.get("Laterality", "") or "")
-    if laterality or not body:
-        ds.Laterality = laterality
-
-
-_REFERENCE_SEQUENCES = ("ReferencedStudySequence", "ReferencedPatientSequence",
-                        "ReferencedPerformedProcedureStepSequence")
-
-
-def drop_incomplete_references(ds: Dataset) -> None:
-    """Drop items of copied patient/study references that lack their SOP class or instance.
-
-    Some de-identified sources carry e.g. a Referenced Study Sequence item without its
-    Referenced SOP Class UID (Type 1 in the SOP Instance Reference Macro, PS3.3 10.8);
-    copied as is, the result would inherit the source's error.
-    """
-    for keyword in _REFERENCE_SEQUENCES:
-        if keyword not in ds:
-            continue
-        items = [item for item in ds[keyword].value
-                 if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")]
-        if items:
-            ds[keyword].value = items
-        else:
-            del ds[keyword]

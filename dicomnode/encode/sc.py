@@ -32,7 +32,9 @@ from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.equipment import (
     MANUFACTURER,
     contributing_equipment,
+    copy_body_part,
     device_serial_number,
+    drop_incomplete_references,
     lo,
     model_title,
     series_number,
@@ -41,8 +43,6 @@ from dicomnode.encode.equipment import (
 from dicomnode.encode.gsps import (
     LUNG_WINDOW,
     check_labels,
-    copy_body_part,
-    drop_incomplete_references,
     is_lung_ct,
 )
 from dicomnode.inference.manifest import Manifest

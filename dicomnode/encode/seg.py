@@ -87,8 +87,8 @@ def encode_seg(inp: EncodeInput) -> Dataset:
     with quiet_person_name_warning():
         seg = _segmentation(inp, sources, labels, revision)
     seg.SeriesDescription = eq.lo(f"{eq.model_title(manifest)} SEG{revision}")
-    _copy_body_part(first, seg)
-    drop_incomplete_study_references(seg)
+    eq.copy_body_part(first, seg, laterality=False)
+    eq.drop_incomplete_references(seg)
     replaced = inp.replaces.get("seg", ())
     if replaced:
         seg.ReferencedInstanceSequence = [_replaced_item(uid) for uid in replaced]
@@ -232,30 +232,3 @@ def _replaced_item(sop_instance_uid: str) -> Dataset:
     item.ReferencedSOPInstanceUID = sop_instance_uid
     item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(REPLACES)]
     return item
-
-
-def drop_incomplete_study_references(ds: Dataset) -> None:
-    """Drop Referenced Study Sequence items without SOP Class/Instance UID.
-
-    highdicom copies the General Study Module from the source, and some sources
-    (e.g. TCIA-anonymised CT) carry items without Referenced SOP Class UID, which
-    would make our object invalid (Type 1 in the SOP Instance Reference Macro).
-    The sequence is Type 3: what is incomplete is left out rather than copied.
-    """
-    items = ds.get("ReferencedStudySequence")
-    if items is None:
-        return
-    kept = [i for i in items if i.get("ReferencedSOPClassUID") and i.get("ReferencedSOPInstanceUID")]
-    if len(kept) != len(items):
-        logger.info("SEG: %d incomplete Referenced Study Sequence item(s) of the source left out",
-                    len(items) - len(kept))
-    if kept:
-        ds.ReferencedStudySequence = kept
-    else:
-        del ds.ReferencedStudySequence
-
-
-def _copy_body_part(source: Dataset, ds: Dataset) -> None:
-    body = str(source.get("BodyPartExamined", "") or "")
-    if body:
-        ds.BodyPartExamined = body

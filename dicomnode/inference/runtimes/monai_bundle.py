@@ -66,7 +66,7 @@ from dicomnode.inference.runtimes.torchscript import (
     channel_lookup,
     check_device,
     file_in_model_dir,
-    measure,
+    make_prediction,
     run_network,
     volume_tensor,
 )
@@ -365,16 +365,4 @@ class MonaiBundleRuntime(ModelRuntime):
             self._lut = channel_lookup(
                 self.manifest, channels, str(self.model_dir), self._channel_names
             )
-        labels = self._lut[arg]
-        seconds = time.perf_counter() - start
-        logger.info(
-            "%s: %s in %.2f s on %s", self.manifest.name, volume.shape, seconds, self.device
-        )
-        return Prediction(
-            labels=labels,
-            measurements=measure(labels, self.manifest, volume.voxel_volume_ml),
-            model_name=self.manifest.name,
-            model_version=self.manifest.version,
-            device=self.device,
-            seconds=seconds,
-        )
+        return make_prediction(self._lut[arg], self.manifest, volume, self.device, start)

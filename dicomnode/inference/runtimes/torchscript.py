@@ -247,16 +247,19 @@ class TorchScriptRuntime(ModelRuntime):
         arg, channels = run_network(self._prepare(volume), self._infer, self.device)
         if self._lut is None or len(self._lut) != channels:
             self._lut = channel_lookup(self.manifest, channels, str(self.model_dir))
-        labels = self._lut[arg]
-        seconds = time.perf_counter() - start
-        logger.info(
-            "%s: %s in %.2f s on %s", self.manifest.name, volume.shape, seconds, self.device
-        )
-        return Prediction(
-            labels=labels,
-            measurements=measure(labels, self.manifest, volume.voxel_volume_ml),
-            model_name=self.manifest.name,
-            model_version=self.manifest.version,
-            device=self.device,
-            seconds=seconds,
-        )
+        return make_prediction(self._lut[arg], self.manifest, volume, self.device, start)
+
+
+def make_prediction(labels: np.ndarray, manifest: Manifest, volume: Volume, device: str,
+                    start: float) -> Prediction:
+    """Wrap a label map as the runtime's Prediction, with per-label volumes (both runtimes)."""
+    seconds = time.perf_counter() - start
+    logger.info("%s: %s in %.2f s on %s", manifest.name, volume.shape, seconds, device)
+    return Prediction(
+        labels=labels,
+        measurements=measure(labels, manifest, volume.voxel_volume_ml),
+        model_name=manifest.name,
+        model_version=manifest.version,
+        device=device,
+        seconds=seconds,
+    )
