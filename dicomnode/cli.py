@@ -301,7 +301,7 @@ def _when(text: str | None) -> datetime | None:
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from dicomnode.audit import events
+    from dicomnode.audit.codec import from_dict, to_xml
     from dicomnode.audit.setup import chains, open_keyring
     from dicomnode.audit.trail import read
 
@@ -320,7 +320,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
         print('<?xml version="1.0" encoding="UTF-8"?>')
         print("<AuditMessages>")
         for _t, _c, _q, body in records:
-            xml = events.to_xml(events.from_dict(body))
+            xml = to_xml(from_dict(body))
             print(xml.split("?>", 1)[-1].strip() if xml.startswith("<?xml") else xml)
         print("</AuditMessages>")
     _cli_audit(config, "audit_log_used", "export", _user(), 0,

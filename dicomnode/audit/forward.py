@@ -1,6 +1,6 @@
 """Forwarding audit messages to an audit record repository: IHE ATNA over syslog/TLS.
 
-Each DICOM audit message (PS3.15 A.5.1, :func:`dicomnode.audit.events.to_xml`) becomes
+Each DICOM audit message (PS3.15 A.5.1, :func:`dicomnode.audit.codec.to_xml`) becomes
 one RFC 5424 syslog message, as IHE ITI TF-2 "Record Audit Event" (ITI-20) asks::
 
     <PRI>1 TIMESTAMP HOSTNAME dicomnode PROCID IHE+RFC-3881 - BOM<?xml ...><AuditMessage>...
@@ -47,6 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicomnode.audit.codec import to_xml
+from dicomnode.audit.model import AuditEvent
 from dicomnode.db import ThreadLocalSQLite
 
 LOG = logging.getLogger(__name__)
@@ -254,10 +256,8 @@ class Forwarder:
             )
         self._wake.set()
 
-    def enqueue_event(self, event: Any) -> None:
-        """Queue an :class:`~dicomnode.audit.events.AuditEvent` (as its PS3.15 XML)."""
-        from dicomnode.audit.events import to_xml
-
+    def enqueue_event(self, event: AuditEvent) -> None:
+        """Queue an :class:`~dicomnode.audit.model.AuditEvent` (as its PS3.15 XML)."""
         self.enqueue(to_xml(event))
 
     def pending(self) -> int:

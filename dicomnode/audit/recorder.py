@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dicomnode.audit.codec import to_dict, to_xml
+
+if TYPE_CHECKING:
+    from dicomnode.audit.forward import Forwarder
+    from dicomnode.audit.model import AuditEvent, NodeIdentity
+    from dicomnode.audit.trail import AuditTrail
 
 LOG = logging.getLogger(__name__)
 
@@ -30,26 +37,25 @@ class NullAudit:
 class AuditRecorder:
     """Trail (required) plus forwarder (optional)."""
 
-    def __init__(self, trail: Any, forwarder: Any | None = None, node: Any = None) -> None:
+    def __init__(self, trail: AuditTrail, forwarder: Forwarder | None = None,
+                 node: NodeIdentity | None = None) -> None:
         self.trail = trail
         self.forwarder = forwarder
-        self.node = node  # events.NodeIdentity: the audit source
+        self.node = node  # the audit source; None: the builders' default
 
-    def record(self, build: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        from dicomnode.audit import events
-
+    def record(self, build: Callable[..., AuditEvent], *args: Any, **kwargs: Any) -> None:
         try:
             event = build(*args, node=self.node, **kwargs)
         except Exception:
             LOG.exception("cannot build the audit event %s", getattr(build, "__name__", build))
             return
         try:
-            self.trail.append(events.to_dict(event))
+            self.trail.append(to_dict(event))
         except Exception:
             LOG.exception("cannot write an audit record")
         if self.forwarder is not None:
             try:
-                self.forwarder.enqueue(events.to_xml(event))
+                self.forwarder.enqueue(to_xml(event))
             except Exception:
                 LOG.exception("cannot queue an audit message for forwarding")
 

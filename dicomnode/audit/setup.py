@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomnode.audit.recorder import Audit, AuditRecorder, NullAudit
 from dicomnode.config import NodeConfig
 
+if TYPE_CHECKING:
+    from dicomnode.audit.keys import Keyring
+
 LOG = logging.getLogger(__name__)
 
 
-def open_keyring(config: NodeConfig, *, create: bool = True):  # type: ignore[no-untyped-def]
+def open_keyring(config: NodeConfig, *, create: bool = True) -> Keyring:
     """Load the key folder (refusing unsafe permissions); create it on first use."""
     from dicomnode.audit.keys import Keyring
 
@@ -33,7 +37,7 @@ def open_audit(config: NodeConfig, chain: str, *, forward: bool = False) -> Audi
     """The recorder for one process; NullAudit when auditing is off."""
     if not config.audit.enabled:
         return NullAudit()
-    from dicomnode.audit.events import NodeIdentity
+    from dicomnode.audit.model import NodeIdentity
     from dicomnode.audit.trail import AuditTrail
 
     keyring = open_keyring(config)
