@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dicomnode.audit.keys import Keyring
-from dicomnode.audit.trail import AuditTrail, read, verify
+from dicomnode.audit.trail import AuditTrail
+from dicomnode.audit.verify import read, verify
 
 ROOT = Path(__file__).resolve().parents[1]
 

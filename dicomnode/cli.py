@@ -265,7 +265,7 @@ def _cli_audit(config: NodeConfig, build_name: str, *args: Any, **kwargs: Any) -
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from dicomnode.audit.setup import chains
-    from dicomnode.audit.trail import verify
+    from dicomnode.audit.verify import verify
 
     config = _load(args, {"storage": args.storage})
     public = args.public_keys or config.keys_folder
@@ -303,7 +303,7 @@ def _when(text: str | None) -> datetime | None:
 def cmd_audit_export(args: argparse.Namespace) -> int:
     from dicomnode.audit.codec import from_dict, to_xml
     from dicomnode.audit.setup import chains, open_keyring
-    from dicomnode.audit.trail import read
+    from dicomnode.audit.verify import read
 
     config = _load(args, {"storage": args.storage})
     keyring = open_keyring(config, create=False)

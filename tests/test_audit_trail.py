@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.audit import trail as T
+from dicomnode.audit import frames as T
 from dicomnode.audit.keys import KeyFileError, Keyring, KeyringError, load_public_keys
-from dicomnode.audit.trail import AuditTrail, AuditTrailError, read, verify
+from dicomnode.audit.trail import AuditTrail, AuditTrailError
+from dicomnode.audit.verify import read, verify
 
 PATIENT = "DOE^JANE"
 
