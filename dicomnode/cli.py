@@ -119,7 +119,7 @@ def _ts(value: float | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dicomnode.index import Index
+    from dicomnode.core.index import Index
 
     config = _load(args, {"storage": args.storage})
     db = Index.path_for(config.storage)

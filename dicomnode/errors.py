@@ -25,12 +25,21 @@ class ConfigError(DicomNodeError):
         super().__init__("\n".join(lines))
 
 
-class InvalidUIDError(DicomNodeError):
+class InvalidUIDError(DicomNodeError, ValueError):
     """A UID is not a syntactically valid DICOM UID (PS3.5 9.1)."""
 
 
 class StorageError(DicomNodeError):
     """An instance could not be written durably (disk full, I/O error)."""
+
+
+class StorageUnavailableError(DicomNodeError):
+    """The node refuses new work for now: storage or the audit trail cannot be written.
+    Senders get 0xA700 (C-STORE) or 503 (HTTP) and retry later."""
+
+
+class NotAuthorizedError(DicomNodeError):
+    """The caller may not do this (e.g. store this SOP class)."""
 
 
 class InvalidInstanceError(DicomNodeError):

@@ -19,23 +19,51 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
+from dicomnode.audit.recorder import Audit
 from dicomnode.config import NodeConfig
-from dicomnode.index import Index
+from dicomnode.core.index import Index
+from dicomnode.ingest.admission import Admission
 from dicomnode.ingest.spool import Spool
+from dicomnode.ingest.stow import StowLimits, StowRs
 from dicomnode.metrics import Metrics, health_response, liveness_checks, readiness_checks
-from dicomnode.web import WebLimits, make_app, serve_in_thread
-from dicomnode.web.app import ServerHandle
+from dicomnode.web.app import STUDIES, guarded, read_routes
+from dicomnode.web.auth import BearerAuth
+from dicomnode.web.server import ServerHandle, serve_in_thread
+
+
+def make_app(config: NodeConfig, spool: Spool, index: Index, *,
+             tokens: dict[str, str] | None = None, limits: StowLimits | None = None,
+             public_url: str | None = None, audit: Audit | None = None) -> ASGIApp:
+    """The DICOMweb application (routes under /dicom-web): the STOW-RS door and the
+    QIDO-RS/WADO-RS read side, behind the bearer-token check when ``tokens`` (name ->
+    sha256 hex) are given.
+
+    ``public_url``: the DICOMweb root clients reach (e.g. behind a reverse proxy,
+    ``https://node.example.org/dicom-web``) for the URLs in responses; by default it is
+    derived from each request.
+    """
+    stow = StowRs(Admission(config, spool, index, audit=audit), limits)
+    routes = [Route(STUDIES, guarded(stow.stow), methods=["POST"]),
+              Route(STUDIES + "/{study}", guarded(stow.stow), methods=["POST"]),
+              *read_routes(index, spool.layout)]
+    star = Starlette(routes=routes)
+    star.state.public_url = public_url
+    app: ASGIApp = star
+    if tokens:
+        app = BearerAuth(app, tokens)
+    return app
 
 
 def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
               databases: list[Path], scheduler: Callable[[], Any],
-              audit: Any = None) -> Starlette:
+              audit: Audit | None = None) -> Starlette:
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
     dicomweb = make_app(
         config, spool, index, tokens=tokens, public_url=hc.public_url, audit=audit,
-        limits=WebLimits(max_request_bytes=int(hc.max_request_mb * (1 << 20)),
+        limits=StowLimits(max_request_bytes=int(hc.max_request_mb * (1 << 20)),
                          max_part_bytes=int(hc.max_part_mb * (1 << 20))),
     )
 

@@ -243,7 +243,7 @@ class Metrics:
                index_query: Callable[[str], list[Any]] | None = None) -> Metrics:
         """Set the scrape-time sources; ``None`` leaves a source as it was.
 
-        ``index``: a :class:`dicomnode.index.Index` (anything with ``query(sql)``);
+        ``index``: a :class:`dicomnode.core.index.Index` (anything with ``query(sql)``);
         ``queue``: a job queue (``counts()``, ``oldest_pending_age()``);
         ``outbox``: an :class:`~dicomnode.export.outbox.Outbox` (``summary()``).
         The explicit callables override the objects' methods.

@@ -25,8 +25,8 @@ import numpy as np
 
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import NodeConfig
+from dicomnode.core.index import Completion, Index
 from dicomnode.export.outbox import Outbox
-from dicomnode.index import Completion, Index
 from dicomnode.queue.base import Job, JobQueue, Priority
 from dicomnode.routing.rules import decide, read_header, series_info_from_dataset
 
@@ -289,7 +289,7 @@ class InferenceWorker:
         they never re-open the study nor take part in routing."""
         from pydicom import dcmread
 
-        from dicomnode.index import InstanceRecord
+        from dicomnode.core.index import InstanceRecord
 
         storage = Path(self.config.storage)
         for path in paths:

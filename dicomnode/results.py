@@ -21,9 +21,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Destination
+from dicomnode.core.manifest import Manifest
 from dicomnode.encode.base import KINDS, EncodeInput
 from dicomnode.encode.validate import ensure_valid
-from dicomnode.inference.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
 

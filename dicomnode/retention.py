@@ -59,8 +59,8 @@ from typing import Any
 
 from pydicom import dcmread
 
+from dicomnode.core.index import Index
 from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
-from dicomnode.index import Index
 from dicomnode.ingest.diskguard import DiskGuard  # noqa: F401  (re-exported)
 from dicomnode.queue.base import Job, JobQueue, JobState
 

@@ -31,9 +31,9 @@ from dicomnode.audit import events
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.audit.setup import open_audit
 from dicomnode.config import NodeConfig
+from dicomnode.core.index import Index
 from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
-from dicomnode.index import Index
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.scp import StoreSCP

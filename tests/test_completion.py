@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.config import CompletionConfig
-from dicomnode.index import Completion, Index, InstanceRecord
+from dicomnode.core.index import Completion, Index, InstanceRecord
 from dicomnode.ingest.completion import CompletionTracker
 
 

@@ -18,10 +18,17 @@ from conftest import dicom_files, make_series, shared, uids
 from orthanc import orthanc  # noqa: F401
 
 from dicomnode.config import parse_config
-from dicomnode.index import Index
+from dicomnode.core.index import Index
+from dicomnode.http import make_app
+from dicomnode.ingest.multipart import (
+    MultipartError,
+    MultipartParser,
+    boundary_from,
+    parse_content_type,
+)
 from dicomnode.ingest.spool import Spool
-from dicomnode.web import MultipartError, MultipartParser, hash_token, make_app, serve_in_thread
-from dicomnode.web.multipart import boundary_from, parse_content_type
+from dicomnode.web.auth import hash_token
+from dicomnode.web.server import serve_in_thread
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -318,7 +325,7 @@ def test_hostile_stow_requests(web: Node, tmp_path: Path) -> None:
 
 
 def test_request_too_large(tmp_path: Path) -> None:
-    from dicomnode.web import WebLimits
+    from dicomnode.ingest.stow import StowLimits as WebLimits
 
     n = Node(tmp_path / "storage", limits=WebLimits(max_request_bytes=10_000,
                                                     max_part_bytes=5_000, max_parts=3))

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
+from dicomnode.core.manifest import load_manifest
 from dicomnode.encode.base import EncodeInput
 from dicomnode.encode.gsps import (
     LUNG_WINDOW,
@@ -29,7 +30,6 @@ from dicomnode.encode.gsps import (
     trace_contours,
 )
 from dicomnode.encode.sc import ALPHA, WARNING_COLOR, choose_window, encode_sc, render_frame
-from dicomnode.inference.manifest import load_manifest
 from dicomnode.synthetic import make_ct_series
 
 MODEL_DIR = ROOT / "models" / "lung_density"

@@ -22,11 +22,11 @@ import pydicom
 import pytest
 from conftest import ROOT, dicom_files, need_tool, shared
 
+from dicomnode.core.manifest import Code, Label, Manifest, load_manifest
 from dicomnode.encode.base import EncodeInput
 from dicomnode.encode.seg import SEGMENTATION_STORAGE, encode_seg
 from dicomnode.encode.sr import encode_sr
 from dicomnode.encode.validate import EncodingError, check_object, ensure_valid
-from dicomnode.inference.manifest import Code, Label, Manifest, load_manifest
 from dicomnode.inference.volume import load_series
 from dicomnode.synthetic import make_ct_series
 

@@ -76,7 +76,7 @@ UID_TARGET = """
 import re
 with atheris.instrument_imports(include=["dicomnode"]):
     from dicomnode.errors import InvalidUIDError
-    from dicomnode.ingest.spool import validate_uid
+    from dicomnode.core.uids import check_uid as validate_uid
 
 SAFE = re.compile(r"^[0-9]+(\\.[0-9]+)*$")
 
@@ -104,7 +104,7 @@ MULTIPART_TARGET = """
 import shutil, tempfile
 from pathlib import Path
 with atheris.instrument_imports(include=["dicomnode"]):
-    from dicomnode.web.multipart import MultipartError, MultipartParser, boundary_from
+    from dicomnode.ingest.multipart import MultipartError, MultipartParser, boundary_from
 
 FOLDER = Path(tempfile.mkdtemp(prefix="fuzz-multipart-"))
 BOUNDARY = "xYzZY-boundary"
@@ -253,7 +253,7 @@ def test_fuzz_validate_uid(tmp_path: Path) -> None:
 
 
 def test_fuzz_stow_multipart(tmp_path: Path) -> None:
-    pytest.importorskip("dicomnode.web.multipart")
+    pytest.importorskip("dicomnode.ingest.multipart")
     b = b"xYzZY-boundary"
     body = (b"preamble\r\n--" + b + b"\r\nContent-Type: application/dicom\r\n"
             b"Content-Length: 4\r\n\r\nDICM\r\n--" + b + b"\r\nContent-Type: application/dicom"

@@ -17,8 +17,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from dicomnode.core.index import Index
 from dicomnode.errors import InvalidInstanceError
-from dicomnode.index import Index
 from dicomnode.ingest.header import encode_file_meta, read_header
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.spool import Spool

@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import ROOT, dicom_files, shared
 
+from dicomnode.core.manifest import load_manifest
 from dicomnode.inference.geometry import Volume
-from dicomnode.inference.manifest import load_manifest
 from dicomnode.inference.volume import load_series
 from dicomnode.synthetic import make_ct_series
 

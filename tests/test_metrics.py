@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode.index import Index, InstanceRecord
+from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.metrics import (
     MAX_LABEL_VALUES,
     OTHER,

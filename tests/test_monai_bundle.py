@@ -20,9 +20,9 @@ pytest.importorskip("monai")
 
 from monai.data.synthetic import create_test_image_3d  # noqa: E402
 
+from dicomnode.core.manifest import Manifest, load_manifest  # noqa: E402
 from dicomnode.errors import ConfigError  # noqa: E402
 from dicomnode.inference.geometry import Volume  # noqa: E402
-from dicomnode.inference.manifest import Manifest, load_manifest  # noqa: E402
 from dicomnode.inference.runtime import Prediction  # noqa: E402
 from dicomnode.inference.runtimes.monai_bundle import MonaiBundleRuntime  # noqa: E402
 from dicomnode.inference.runtimes.torchscript import TorchScriptRuntime  # noqa: E402

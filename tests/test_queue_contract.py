@@ -667,7 +667,7 @@ def test_everything_persists_across_reopen(queue_factory: QueueFactory, clock: F
 
 
 def test_sqlite_queue_shares_the_index_database(tmp_path: Path) -> None:
-    from dicomnode.index import Index
+    from dicomnode.core.index import Index
 
     index = Index(Index.path_for(tmp_path))
     queue = SQLiteJobQueue(index.path, clock=FakeClock())

@@ -19,8 +19,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.export.outbox import Outbox
-from dicomnode.index import Index, InstanceRecord
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.spool import Spool
 from dicomnode.queue.sqlite import SQLiteJobQueue

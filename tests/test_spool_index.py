@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.core.index import Index, InstanceRecord
+from dicomnode.core.uids import check_uid as validate_uid
 from dicomnode.errors import InvalidUIDError, StorageError
-from dicomnode.index import Index, InstanceRecord
-from dicomnode.ingest.spool import Spool, validate_uid
+from dicomnode.ingest.spool import Spool
 
 
 def _rec(sop: str, study: str = "1.2.3", series: str = "1.2.3.4", t: float = 100.0) -> InstanceRecord:

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 
 from dicomnode.config import parse_config
-from dicomnode.index import Index, InstanceRecord
+from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.inference.runtime import Prediction
 from dicomnode.ingest.spool import Spool
 from dicomnode.pipeline import InferenceWorker

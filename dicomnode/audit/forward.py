@@ -49,7 +49,7 @@ from typing import Any
 
 from dicomnode.audit.codec import to_xml
 from dicomnode.audit.model import AuditEvent
-from dicomnode.db import ThreadLocalSQLite
+from dicomnode.core.db import ThreadLocalSQLite
 
 LOG = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from dicomnode.core.layout import fsync_dir as _fsync_dir
 from dicomnode.errors import DicomNodeError
-from dicomnode.fsutil import fsync_dir as _fsync_dir
 
 LOG = logging.getLogger(__name__)
 

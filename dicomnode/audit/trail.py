@@ -49,7 +49,7 @@ from dicomnode.audit.frames import (
     _signed_message,
 )
 from dicomnode.audit.keys import Keyring, key_fingerprint
-from dicomnode.fsutil import fsync_dir as _fsync_dir
+from dicomnode.core.layout import fsync_dir as _fsync_dir
 
 LOG = logging.getLogger(__name__)
 

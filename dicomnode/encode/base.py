@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicomnode.inference.manifest import Manifest
+from dicomnode.core.manifest import Manifest
 
 # Result object kinds a destination can ask for.
 KINDS = ("seg", "sr", "gsps", "sc")

@@ -29,8 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import dicomnode
+from dicomnode.core.manifest import Manifest
 from dicomnode.encode.base import derived_uid
-from dicomnode.inference.manifest import Manifest
 
 MANUFACTURER = "dicomnode"
 

@@ -40,6 +40,7 @@ from highdicom.pr import (
 )
 from pydicom.dataset import Dataset
 
+from dicomnode.core.manifest import Label, Manifest
 from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.equipment import (
     MANUFACTURER,
@@ -53,7 +54,6 @@ from dicomnode.encode.equipment import (
     series_number,
     software_versions,
 )
-from dicomnode.inference.manifest import Label, Manifest
 
 logger = logging.getLogger(__name__)
 

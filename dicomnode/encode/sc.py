@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
+from dicomnode.core.manifest import Manifest
 from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.equipment import (
     MANUFACTURER,
@@ -45,7 +46,6 @@ from dicomnode.encode.gsps import (
     check_labels,
     is_lung_ct,
 )
-from dicomnode.inference.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

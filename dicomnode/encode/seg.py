@@ -54,11 +54,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from dicomnode.core.manifest import Code as ManifestCode
+from dicomnode.core.manifest import Label, Manifest
 from dicomnode.encode import equipment as eq
 from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.validate import EncodingError
-from dicomnode.inference.manifest import Code as ManifestCode
-from dicomnode.inference.manifest import Label, Manifest
 
 logger = logging.getLogger(__name__)
 

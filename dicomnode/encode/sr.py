@@ -58,6 +58,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from dicomnode.core.manifest import Manifest
 from dicomnode.encode import equipment as eq
 from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.seg import (
@@ -70,7 +71,6 @@ from dicomnode.encode.seg import (
     tracking_uid,
 )
 from dicomnode.encode.validate import EncodingError
-from dicomnode.inference.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

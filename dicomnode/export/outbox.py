@@ -47,9 +47,9 @@ from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 
-from dicomnode.db import ThreadLocalSQLite
+from dicomnode.core.db import ThreadLocalSQLite
+from dicomnode.core.layout import fsync_dir as _fsync_dir
 from dicomnode.export.base import DeliveryOutcome, Result
-from dicomnode.fsutil import fsync_dir as _fsync_dir
 from dicomnode.queue.base import backoff_delay
 
 LOG = logging.getLogger(__name__)

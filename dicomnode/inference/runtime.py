@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dicomnode.core.manifest import Manifest
 from dicomnode.inference.geometry import Volume
-from dicomnode.inference.manifest import Manifest
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,10 +25,11 @@ values whatever the Photometric Interpretation, which only says how to display t
 (PS3.3 C.7.6.3.1.2); ``metadata['photometric_interpretation']`` records it, and a
 series mixing MONOCHROME1 and MONOCHROME2 is refused.
 
-Decoding: native (uncompressed) little- and big-endian pixel data are read with
-``np.frombuffer`` straight from the file's bytes at the Pixel Data offset found by
-a small header walker (PS3.5 7.1, 7.5) that visits only the top-level data set and
-skips sequences; encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000, RLE, ...) go
+Decoding (:mod:`dicomnode.inference.slices`): native (uncompressed) little- and
+big-endian pixel data are read with ``np.frombuffer`` straight from the file's bytes
+at the Pixel Data offset found by the one element walker (:mod:`dicomnode.core.elements`,
+PS3.5 7.1, 7.5) that visits only the top-level data set and skips sequences;
+encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000, RLE, ...) go
 through pydicom's ``pixel_array`` with the pylibjpeg / GDCM plugins. Any file the
 walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
 length that does not add up) is handed to pydicom whole. Headers and native slices
@@ -42,11 +43,9 @@ their geometry lives in per-frame functional groups.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
-import struct
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,11 +54,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
 
-from dicomnode.errors import InconsistentSeriesError, InvalidInstanceError
+from dicomnode.errors import InconsistentSeriesError
 from dicomnode.inference.geometry import Volume
+from dicomnode.inference.slices import Slice, read_slice, rescale_into, stored_values
 
 logger = logging.getLogger(__name__)
 
@@ -77,345 +75,17 @@ ORIENTATION_ATOL = 1e-3
 #: Pixel spacings equal within this relative tolerance.
 PIXEL_SPACING_RTOL = 1e-3
 
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-_UNDEFINED = 0xFFFFFFFF
-_PIXEL_DATA = 0x7FE00010
-_OTHER_PIXEL_DATA = (0x7FE00008, 0x7FE00009)  # Float / Double Float Pixel Data
-_MODALITY_LUT_SEQUENCE = 0x00283000
-
-# Top-level attributes read from each file: tag -> (keyword, VR).
-_WANTED: dict[int, tuple[str, str]] = {
-    0x00080008: ("ImageType", "CS"),
-    0x00080016: ("SOPClassUID", "UI"),
-    0x00080018: ("SOPInstanceUID", "UI"),
-    0x00080060: ("Modality", "CS"),
-    0x00180050: ("SliceThickness", "DS"),
-    0x00180088: ("SpacingBetweenSlices", "DS"),
-    0x00181120: ("GantryDetectorTilt", "DS"),
-    0x0020000D: ("StudyInstanceUID", "UI"),
-    0x0020000E: ("SeriesInstanceUID", "UI"),
-    0x00200013: ("InstanceNumber", "IS"),
-    0x00200032: ("ImagePositionPatient", "DS"),
-    0x00200037: ("ImageOrientationPatient", "DS"),
-    0x00200052: ("FrameOfReferenceUID", "UI"),
-    0x00280002: ("SamplesPerPixel", "US"),
-    0x00280004: ("PhotometricInterpretation", "CS"),
-    0x00280008: ("NumberOfFrames", "IS"),
-    0x00280010: ("Rows", "US"),
-    0x00280011: ("Columns", "US"),
-    0x00280030: ("PixelSpacing", "DS"),
-    0x00280100: ("BitsAllocated", "US"),
-    0x00280101: ("BitsStored", "US"),
-    0x00280103: ("PixelRepresentation", "US"),
-    0x00281052: ("RescaleIntercept", "DS"),
-    0x00281053: ("RescaleSlope", "DS"),
-}
-
-class _WalkError(Exception):
-    """The fast header walker is unsure of a file; pydicom reads it instead."""
-
-
-@dataclass(slots=True)
-class _Slice:
-    """What one file contributes: its header values and where its pixels are."""
-
-    path: Path
-    attrs: dict[str, object]
-    transfer_syntax: str
-    data: bytes | None  # the file's bytes (native fast path / deferred decode)
-    pixel_offset: int = -1  # >= 0: native pixel data at this offset in ``data``
-    dtype: str = ""  # numpy dtype of the native pixel data
-    dataset: Dataset | None = None  # set when pydicom parsed the whole file
-    has_pixel_data: bool = True
-
-    def get(self, keyword: str, default: object = None) -> object:
-        value = self.attrs.get(keyword)
-        return default if value is None or value == "" else value
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _decode_value(raw: bytes, vr: str, little: bool) -> object:
-    if vr == "US":
-        if len(raw) < 2:
-            return None
-        return int.from_bytes(raw[:2], "little" if little else "big")
-    text = raw.decode("ascii", "replace").strip(" \x00")
-    if vr in ("UI", "CS") and "\\" not in text:
-        return text
-    if vr == "CS":
-        return [part.strip() for part in text.split("\\")]
-    if vr == "UI":
-        return text
-    if not text:
-        return None
-    try:
-        if vr == "IS":
-            return int(float(text.split("\\")[0]))
-        values = [float(part) for part in text.split("\\")]
-    except ValueError:
-        raise _WalkError(f"unparsable {vr} value {text!r}") from None
-    return values[0] if len(values) == 1 else values
-
-
-_STRUCTS = {
-    little: (struct.Struct(f"{e}HHI"), struct.Struct(f"{e}HH2sH"), struct.Struct(f"{e}I"))
-    for little, e in ((True, "<"), (False, ">"))
-}
-
-
-def _walk_elements(
-    data: bytes, pos: int, implicit: bool, little: bool, wanted: dict[int, bytes] | None
-) -> tuple[int, int, int]:
-    """Walk the elements of one data set from ``pos`` (PS3.5 7.1, 7.5).
-
-    Top level (``wanted`` is a dict): stores the raw values of ``_WANTED`` tags in it
-    and stops at Pixel Data, returning (position of its value, its length, 1 if a
-    Modality LUT Sequence was seen); (-1, 0, flag) at the end of the file. In an item
-    (``wanted`` is None): stops after the Item Delimitation Item, returning (position
-    after it, 0, 0). Undefined-length sequences are skipped item by item, recursively.
-    """
-    implicit_hdr, explicit_hdr, u32 = _STRUCTS[little]
-    unpack_implicit, unpack_explicit, unpack_u32 = (
-        implicit_hdr.unpack_from, explicit_hdr.unpack_from, u32.unpack_from
-    )
-    end = len(data)
-    modality_lut = 0
-    while pos + 8 <= end:
-        if implicit:
-            group, elem, length = unpack_implicit(data, pos)
-            vpos, vr = pos + 8, b""
-        else:
-            group, elem, vr, length = unpack_explicit(data, pos)
-            if group == 0xFFFE:  # items and delimiters carry no VR in any encoding
-                group, elem, length = unpack_implicit(data, pos)
-                vpos, vr = pos + 8, b""
-            elif vr in _LONG_VRS:
-                length = unpack_u32(data, pos + 8)[0]
-                vpos = pos + 12
-            else:
-                vpos = pos + 8
-        tag = (group << 16) | elem
-        if wanted is None:
-            if tag == 0xFFFEE00D:
-                return vpos, 0, 0
-        elif tag == _PIXEL_DATA:
-            return vpos, length, modality_lut
-        elif tag in _OTHER_PIXEL_DATA:
-            raise _WalkError("float pixel data")
-        elif tag == _MODALITY_LUT_SEQUENCE:
-            modality_lut = 1
-        if length == _UNDEFINED:
-            # A sequence (or UN holding one, encoded Implicit VR LE: PS3.5 6.2.2) or
-            # encapsulated pixel data in an item: items until the Sequence Delimiter.
-            inner_implicit = implicit or vr == b"UN"
-            pos = vpos
-            while True:
-                group, elem, length = unpack_implicit(data, pos)
-                pos += 8
-                if group != 0xFFFE or elem not in (0xE000, 0xE0DD):
-                    raise _WalkError("expected an item in a sequence")
-                if elem == 0xE0DD:
-                    break
-                if length == _UNDEFINED:
-                    pos = _walk_elements(data, pos, inner_implicit, little, None)[0]
-                else:
-                    pos += length
-                if pos > end:
-                    raise _WalkError("a sequence runs past the end of the file")
-            continue
-        if wanted is not None and tag in _WANTED:
-            wanted[tag] = data[vpos : vpos + length]
-        pos = vpos + length
-    if wanted is None or pos > end:
-        raise _WalkError("the data set runs past the end of the file")
-    return -1, 0, modality_lut
-
-
-def _walk(path: Path, data: bytes) -> _Slice:
-    """Read the header values and find the Pixel Data of a Part 10 file (PS3.10 7.1).
-
-    Visits only the top-level data set and skips sequences; raises ``_WalkError``
-    for anything it does not handle, so that pydicom reads the file instead.
-    """
-    if len(data) < 144 or data[128:132] != b"DICM":
-        raise _WalkError("no Part 10 preamble")
-    pos, end = 132, len(data)
-    transfer_syntax = ""
-    implicit_hdr, explicit_hdr, u32 = _STRUCTS[True]
-    while pos + 8 <= end:  # File Meta Information: always Explicit VR Little Endian
-        group, elem, vr, length = explicit_hdr.unpack_from(data, pos)
-        if group != 0x0002:
-            break
-        vpos = pos + 8
-        if vr in _LONG_VRS:
-            length, vpos = u32.unpack_from(data, pos + 8)[0], pos + 12
-        if length == _UNDEFINED:
-            raise _WalkError("undefined length in the file meta")
-        if elem == 0x0010:
-            transfer_syntax = data[vpos : vpos + length].decode("ascii", "replace").strip(" \x00")
-        pos = vpos + length
-    if transfer_syntax == _IMPLICIT_LE:
-        implicit, little = True, True
-    elif transfer_syntax == _EXPLICIT_BE:
-        implicit, little = False, False
-    elif transfer_syntax and transfer_syntax != _DEFLATED_LE:
-        implicit, little = False, True  # Explicit VR LE and every encapsulated syntax
-    else:
-        raise _WalkError(f"transfer syntax {transfer_syntax or '(none)'} needs pydicom")
-
-    raw: dict[int, bytes] = {}
-    pixel_pos, pixel_length, modality_lut = _walk_elements(data, pos, implicit, little, raw)
-    attrs: dict[str, object] = {}
-    for tag, value in raw.items():
-        keyword, wanted_vr = _WANTED[tag]
-        attrs[keyword] = _decode_value(value, wanted_vr, little)
-    attrs["_modality_lut_sequence"] = bool(modality_lut)
-    item = _Slice(path, attrs, transfer_syntax, data, has_pixel_data=pixel_pos >= 0)
-    if pixel_pos < 0 or pixel_length == _UNDEFINED:
-        return item  # no pixel data (refused later) or encapsulated (pydicom decodes)
-    bits = item.get("BitsAllocated")
-    rows, cols = item.get("Rows"), item.get("Columns")
-    frames, samples = item.get("NumberOfFrames", 1), item.get("SamplesPerPixel", 1)
-    if bits not in (8, 16, 32) or not isinstance(rows, int) or not isinstance(cols, int):
-        raise _WalkError("pixel layout needs pydicom")
-    if not isinstance(frames, int) or not isinstance(samples, int):
-        raise _WalkError("odd NumberOfFrames or SamplesPerPixel")
-    expected = rows * cols * frames * samples * (bits // 8)
-    if pixel_length < expected or pixel_pos + expected > end:
-        raise _WalkError("pixel data shorter than Rows x Columns x BitsAllocated")
-    signed = item.get("PixelRepresentation", 0) == 1
-    item.pixel_offset = pixel_pos
-    item.dtype = ("<" if little else ">") + ("i" if signed else "u") + str(bits // 8)
-    return item
-
-
-def _from_dataset(path: Path, data: bytes) -> _Slice:
-    """Read a file with pydicom (the fallback for anything the walker does not handle)."""
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except Exception as exc:  # pydicom raises many types for malformed files
-        raise InvalidInstanceError(f"{path.name}: not a readable DICOM file: {exc}") from None
-    attrs: dict[str, object] = {}
-    for keyword, _vr in _WANTED.values():
-        value = ds.get(keyword)
-        if value is None:
-            continue
-        if isinstance(value, pydicom.multival.MultiValue):
-            value = [float(v) if _vr == "DS" else str(v) for v in value]
-        elif _vr == "DS":
-            value = float(value)
-        elif _vr in ("IS", "US"):
-            value = int(value)
-        else:
-            value = str(value)
-        attrs[keyword] = value
-    attrs["_modality_lut_sequence"] = "ModalityLUTSequence" in ds
-    transfer_syntax = str(getattr(ds.file_meta, "TransferSyntaxUID", "")) if ds.file_meta else ""
-    return _Slice(path, attrs, transfer_syntax, None, dataset=ds,
-                  has_pixel_data="PixelData" in ds)
-
-
-def _read_header(path: Path) -> _Slice:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidInstanceError(f"{path}: cannot be read: {exc}") from None
-    try:
-        return _walk(path, data)
-    except (_WalkError, struct.error, RecursionError) as exc:
-        logger.debug("%s: read by pydicom (%s)", path.name, exc)
-        return _from_dataset(path, data)
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def _stored_values(item: _Slice, rows: int, cols: int) -> np.ndarray:
-    """The stored values of one slice as an integer (rows, cols) array (PS3.5 8)."""
-    if item.pixel_offset >= 0 and item.data is not None:
-        arr = np.frombuffer(item.data, dtype=item.dtype, count=rows * cols, offset=item.pixel_offset)
-        arr = arr.reshape(rows, cols)
-        return _mask_unused_bits(arr, item)
-    ds = item.dataset
-    try:
-        if ds is None:
-            assert item.data is not None
-            ds = pydicom.dcmread(io.BytesIO(item.data))
-        arr = ds.pixel_array
-    except Exception as exc:  # decoders raise many types
-        name = pydicom.uid.UID(item.transfer_syntax).name if item.transfer_syntax else "?"
-        raise InvalidInstanceError(
-            f"{item.path.name}: pixel data ({name}) could not be decoded: {exc}"
-        ) from None
-    if arr.shape != (rows, cols):
-        raise InvalidInstanceError(
-            f"{item.path.name}: decoded pixel data has shape {arr.shape}, expected {(rows, cols)}"
-        )
-    return arr
-
-
-def _mask_unused_bits(arr: np.ndarray, item: _Slice) -> np.ndarray:
-    """Ignore bits above Bits Stored (PS3.5 8.1.1), as pydicom does; copies only if needed."""
-    bits = 8 * arr.dtype.itemsize
-    stored = item.get("BitsStored", bits)
-    assert isinstance(stored, int)
-    if stored >= bits or stored <= 0:
-        return arr
-    if arr.dtype.kind == "u":
-        if int(arr.max()) < (1 << stored):
-            return arr
-    else:
-        lo, hi = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
-        if int(arr.min()) >= lo and int(arr.max()) <= hi:
-            return arr
-    out = arr.astype(arr.dtype.newbyteorder("="), copy=True)
-    np.left_shift(out, bits - stored, out=out)
-    np.right_shift(out, bits - stored, out=out)
-    return out
-
-
-def _rescale_into(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray) -> None:
-    """``out[...] = stored * slope + intercept`` (PS3.3 C.11.1.1.2), exact to float32.
-
-    Integer slope and intercept on 8/16-bit values stay below 2**24, where float32
-    arithmetic is exact: convert in place, then scale and shift in place (cheapest on
-    fresh memory). Anything else is computed in float64 and rounded once.
-    """
-    exact = (
-        stored.dtype.itemsize <= 2
-        and slope.is_integer()
-        and intercept.is_integer()
-        and 65536 * abs(slope) + abs(intercept) < 2**24
-    )
-    if exact:
-        np.copyto(out, stored, casting="unsafe")
-        if slope != 1.0:
-            np.multiply(out, np.float32(slope), out=out)
-        if intercept != 0.0:
-            np.add(out, np.float32(intercept), out=out)
-    else:
-        np.copyto(out, stored * slope + intercept, casting="same_kind")
-
-
 # --------------------------------------------------------------------------- geometry
 
 
-def _check_same(items: list[_Slice], keyword: str, what: str, reasons: list[str]) -> None:
+def _check_same(items: list[Slice], keyword: str, what: str, reasons: list[str]) -> None:
     counts = Counter(str(item.get(keyword, "(absent)")) for item in items)
     if len(counts) > 1:
         detail = ", ".join(f"{n} file(s)" for _, n in counts.most_common())
         reasons.append(f"mixed {what}: {len(counts)} different values ({detail})")
 
 
-def _vector(item: _Slice, keyword: str, size: int) -> np.ndarray | None:
+def _vector(item: Slice, keyword: str, size: int) -> np.ndarray | None:
     value = item.get(keyword)
     if not isinstance(value, list) or len(value) != size:
         return None
@@ -558,7 +228,7 @@ def load_series(
 
     # Headers in this thread: from the page cache, reading + walking is faster serially
     # than handed to threads that contend for the GIL (measured, bench/volume.py).
-    items = [_read_header(path) for path in files]
+    items = [read_slice(path) for path in files]
     geometry = _geometry(items, uneven, tilt)
     rows, cols = geometry.rows, geometry.cols
     array = np.empty((len(items), rows, cols), dtype=np.float32)
@@ -566,10 +236,10 @@ def load_series(
 
     def fill(k: int) -> None:
         item = sorted_items[k]
-        stored = _stored_values(item, rows, cols)
+        stored = stored_values(item, rows, cols)
         slope = float(item.get("RescaleSlope", 1.0))  # type: ignore[arg-type]
         intercept = float(item.get("RescaleIntercept", 0.0))  # type: ignore[arg-type]
-        _rescale_into(stored, slope, intercept, array[k])
+        rescale_into(stored, slope, intercept, array[k])
         item.data = None  # let the file's bytes go as soon as they are used
         item.dataset = None
 
@@ -589,7 +259,7 @@ def load_series(
     return _build_volume(array, sorted_items, geometry)
 
 
-def _geometry(items: list[_Slice], uneven: str, tilt: str) -> _Geometry:
+def _geometry(items: list[Slice], uneven: str, tilt: str) -> _Geometry:
     """Check that ``items`` form one volume and work out its geometry, or refuse."""
     n = len(items)
     reasons: list[str] = []
@@ -707,7 +377,7 @@ def _geometry(items: list[_Slice], uneven: str, tilt: str) -> _Geometry:
     )
 
 
-def _build_volume(array: np.ndarray, items: list[_Slice], geometry: _Geometry) -> Volume:
+def _build_volume(array: np.ndarray, items: list[Slice], geometry: _Geometry) -> Volume:
     first = items[0]
     return Volume(
         array=array,

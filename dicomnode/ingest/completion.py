@@ -30,7 +30,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.base import BaseScheduler
 
 from dicomnode.config import CompletionConfig
-from dicomnode.index import Completion, Index
+from dicomnode.core.index import Completion, Index
 
 LOG = logging.getLogger(__name__)
 

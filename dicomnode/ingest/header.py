@@ -2,10 +2,10 @@
 
 * ``read_header``: the few attributes ingest needs (SOP Instance, Study and Series
   Instance UIDs, Number of Study Related Instances), found by walking the
-  top-level element headers of the encoded dataset (PS3.5 7.1) and stopping after
-  (0020,1208); about 20 us for a CT slice. Sequences are skipped, never parsed.
-  Deflated and big-endian datasets, and anything the walk does not understand,
-  go through pydicom's partial reader instead.
+  top-level element headers of the encoded dataset with the one element walker
+  (:mod:`dicomnode.core.elements`, PS3.5 7.1) and stopping after (0020,1208); about
+  20 us for a CT slice. Sequences are skipped, never parsed. Deflated datasets, and
+  anything the walk does not understand, go through pydicom's partial reader instead.
 * ``encode_file_meta``: the 128-byte preamble, "DICM" and the File Meta
   Information group (PS3.10 7.1), built directly as Explicit VR Little Endian.
 """
@@ -26,6 +26,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from dicomnode.core.elements import WalkError, walk
 from dicomnode.errors import InvalidInstanceError
 
 _SOP_INSTANCE_UID = 0x00080018
@@ -37,12 +38,7 @@ _STUDY_RELATED_INSTANCES = 0x00201208
 _WANTED = (_SOP_INSTANCE_UID, _PATIENT_NAME, _PATIENT_ID, _STUDY_UID, _SERIES_UID,
            _STUDY_RELATED_INSTANCES)
 _LAST = _STUDY_RELATED_INSTANCES
-_UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 _DEFLATE_HEADER_LIMIT = 16 << 20
-_MAX_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,71 +54,10 @@ class HeaderInfo:
     patient_name: str = ""
 
 
-class _ScanError(Exception):
-    pass
-
-
-def _element(buf: memoryview, pos: int, implicit: bool) -> tuple[int, int, int]:
-    """(tag, value position, value length) of the element at ``pos``."""
-    grp, elem = struct.unpack_from("<HH", buf, pos)
-    tag = (grp << 16) | elem
-    if implicit or grp == 0xFFFE:
-        (length,) = struct.unpack_from("<L", buf, pos + 4)
-        return tag, pos + 8, length
-    vr = bytes(buf[pos + 4 : pos + 6])
-    if vr in _LONG_VRS:
-        (length,) = struct.unpack_from("<L", buf, pos + 8)
-        return tag, pos + 12, length
-    if not vr.isalpha():
-        raise _ScanError("not an explicit VR")
-    (length,) = struct.unpack_from("<H", buf, pos + 6)
-    return tag, pos + 8, length
-
-
-def _skip_undefined(buf: memoryview, pos: int, implicit: bool, depth: int) -> int:
-    """Skip the items of an undefined-length sequence; return the position after it."""
-    if depth > _MAX_DEPTH:
-        raise _ScanError("sequences nested too deeply")
-    n = len(buf)
-    while pos + 8 <= n:
-        grp, elem, length = struct.unpack_from("<HHL", buf, pos)
-        pos += 8
-        if grp != 0xFFFE:
-            raise _ScanError("expected an item tag")
-        if elem == 0xE0DD:  # sequence delimitation item
-            return pos
-        if elem != 0xE000:
-            raise _ScanError("unexpected delimiter")
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # undefined-length item: walk to its delimitation item
-            if pos + 8 > n:
-                raise _ScanError("truncated")
-            grp, elem = struct.unpack_from("<HH", buf, pos)
-            if grp == 0xFFFE and elem == 0xE00D:
-                pos += 8
-                break
-            _, vpos, vlen = _element(buf, pos, implicit)
-            pos = _skip_undefined(buf, vpos, implicit, depth + 1) if vlen == _UNDEFINED else vpos + vlen
-    raise _ScanError("truncated")
-
-
-def _scan(buf: memoryview, implicit: bool) -> dict[int, bytes]:
+def _scan(buf: memoryview, implicit: bool, little: bool) -> dict[int, bytes]:
     found: dict[int, bytes] = {}
-    pos, n = 0, len(buf)
-    while pos + 8 <= n:
-        tag, vpos, length = _element(buf, pos, implicit)
-        if tag > _LAST:
-            break
-        if length == _UNDEFINED:
-            pos = _skip_undefined(buf, vpos, implicit, 1)
-            continue
-        if vpos + length > n:
-            raise _ScanError("truncated")
-        if tag in _WANTED:
-            found[tag] = bytes(buf[vpos : vpos + length])
-        pos = vpos + length
+    walk(buf, 0, implicit=implicit, little=little, wanted=_WANTED, found=found,
+         stop_at=_LAST + 1)
     return found
 
 
@@ -165,10 +100,11 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
     """
     ts = UID(transfer_syntax)
     values: dict[int, bytes | str] | None = None
-    if ts not in (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian):
+    if ts != DeflatedExplicitVRLittleEndian:
         try:
-            values = dict(_scan(memoryview(data), ts == ImplicitVRLittleEndian))
-        except (_ScanError, struct.error):
+            values = dict(_scan(memoryview(data), ts == ImplicitVRLittleEndian,
+                                ts != ExplicitVRBigEndian))
+        except WalkError:
             values = None
     if values is None:
         try:

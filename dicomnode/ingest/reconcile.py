@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicomnode.index import Index, InstanceRecord
+from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.ingest.spool import Spool
 
 LOG = logging.getLogger(__name__)

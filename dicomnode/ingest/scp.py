@@ -15,188 +15,32 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode import __version__
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import NodeConfig
-from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
-from dicomnode.index import Index, InstanceRecord
-from dicomnode.ingest.diskguard import DiskGuard
-from dicomnode.ingest.header import encode_file_meta, read_header
-from dicomnode.ingest.reactor import FastRequestHandler
-from dicomnode.ingest.spool import Spool, validate_uid
+from dicomnode.core.index import Index
+from dicomnode.core.status import Status
+from dicomnode.ingest.admission import (
+    IMPLEMENTATION_CLASS_UID,
+    Admission,
+    AdmissionSession,
+    Arrival,
+    implementation_version_name,
+)
+from dicomnode.ingest.pynetdicom_ext import NodeAssociationServer
+from dicomnode.ingest.spool import Spool
 from dicomnode.ingest.tls import server_context
 
 LOG = logging.getLogger(__name__)
 
-# Implementation Class UID: a UUID-derived UID (PS3.5 B.2), fixed for this product.
-IMPLEMENTATION_CLASS_UID = "2.25.160285946466287385733542389713476361517"
-IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
-
-# DIMSE statuses (PS3.4 B.2.3, PS3.7 C)
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_NOT_AUTHORIZED = 0x0124
-STATUS_PROCESSING_FAILURE = 0x0110
-
-@dataclass
-class _StudyTally:
-    """What one association brought of one study (for its audit event)."""
-
-    patient_id: str
-    patient_name: str
-    sop_classes: Counter[str] = field(default_factory=Counter)
-    failed: int = 0
-
-
-class NodeACSE(ACSE):
-    """ACSE that also enforces the config's allowlist of callers (AE title + host)
-    and the per-caller association limit.
-
-    pynetdicom's own check knows only AE titles; ours adds the source address. A
-    refused peer gets A-ASSOCIATE-RJ, permanent, service-user, "calling AE title not
-    recognized" (PS3.8 9.3.4). A caller already holding
-    ``ingest.max_associations_per_caller`` associations gets A-ASSOCIATE-RJ,
-    transient, service-provider (presentation), "local limit exceeded" (2, 3, 2) —
-    the same answer pynetdicom gives when ``max_associations`` is reached.
-    """
-
-    def _reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
-        self.assoc.dicomnode_reject_reason = reason  # type: ignore[attr-defined]
-        self.send_reject(result, source, diagnostic)
-        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-        self.assoc.kill()
-
-    def _open_from(self, calling: str) -> int:
-        """Other acceptor associations (on any of the AE's servers) from ``calling``."""
-        n = 0
-        for other in self.assoc.ae.active_associations:
-            if other is self.assoc or not other.is_acceptor:
-                continue
-            if other.is_released or other.is_aborted or other.is_rejected:
-                continue
-            if other.requestor.ae_title.strip() == calling:
-                n += 1
-        return n
-
-    def _negotiate_as_acceptor(self) -> None:
-        policy: NodeConfig | None = getattr(self.assoc, "node_config", None)
-        calling = self.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
-        address = self.assoc.requestor.address
-        if policy is not None and policy.allowed_callers:
-            if not policy.caller_allowed(calling, address):
-                LOG.warning(
-                    "rejecting association from %s at %s: calling AE title not allowed",
-                    calling,
-                    address,
-                )
-                self._reject(0x01, 0x01, 0x03, "calling AE title or address not allowed")
-                return
-        limit = policy.ingest.max_associations_per_caller if policy is not None else None
-        if limit is not None and self._open_from(calling) >= limit:
-            LOG.warning(
-                "rejecting association from %s at %s: it already holds %d (the limit)",
-                calling,
-                address,
-                limit,
-            )
-            self._reject(0x02, 0x03, 0x02, "too many associations from this calling AE title")
-            return
-        super()._negotiate_as_acceptor()
-
-
-class NodeRequestHandler(FastRequestHandler):
-    """Creates event-driven associations that carry the node's policy and use NodeACSE."""
-
-    def handle(self) -> None:
-        """Finish the TLS handshake (if any) in this connection's own thread, then run
-        the association. A peer that fails the handshake (plain DICOM on a TLS port, no
-        or an untrusted client certificate) or stalls in it longer than the ACSE timeout
-        is logged and disconnected; the server goes on."""
-        sock = self.request
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.settimeout(self.server.ae.acse_timeout)  # type: ignore[attr-defined]
-                sock.do_handshake()
-                sock.settimeout(None)
-            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSError
-                LOG.warning("TLS handshake with %s failed: %s", self.client_address, exc)
-                try:
-                    sock.close()
-                except OSError:
-                    pass
-                return
-            LOG.debug("TLS %s with %s (%s)", sock.version(), self.client_address, sock.cipher())
-        super().handle()
-
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        assoc.node_config = self.server.node_config  # type: ignore[attr-defined]
-        assoc.acse = NodeACSE(assoc)
-        sock = assoc.dul.socket
-        raw = getattr(sock, "socket", None)
-        if raw is not None:
-            try:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-        return assoc
-
-
-class NodeAssociationServer(ThreadedAssociationServer):
-    """A threaded association server that can adopt an already listening socket.
-
-    Several receiving processes can then share one port: the parent creates and
-    binds the socket, each child adopts it.
-    """
-
-    node_config: NodeConfig
-    adopted_socket: socket.socket | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("request_handler", NodeRequestHandler)
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        if self.adopted_socket is not None:
-            self.socket.close()
-            self.socket = self.adopted_socket
-            self.server_address = self.socket.getsockname()
-            return
-        super().server_bind()
-
-    def server_activate(self) -> None:
-        if self.adopted_socket is not None:
-            return  # already listening
-        super().server_activate()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept; with TLS, wrap without handshaking here (pynetdicom would handshake
-        in the accepting thread, where one silent client stalls every other caller):
-        :meth:`NodeRequestHandler.handle` does it in the connection's thread."""
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        if self.ssl_context:
-            try:
-                client = self.ssl_context.wrap_socket(
-                    client, server_side=True, do_handshake_on_connect=False
-                )
-            except OSError:
-                client.close()
-                raise
-        return client, address
+IMPLEMENTATION_VERSION_NAME = implementation_version_name()
 
 
 class StoreSCP:
@@ -217,8 +61,7 @@ class StoreSCP:
         self._on_released = on_released
         self.audit: Audit = audit or NullAudit()
         self.metrics = metrics  # dicomnode.metrics.Metrics, in the process serving /metrics
-        rc = config.retention
-        self.disk_guard = DiskGuard(config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
+        self.admission = Admission(config, spool, index, audit=self.audit)
         self._server: NodeAssociationServer | None = None
         self._servers: list[NodeAssociationServer] = []
         #: (host, port) of the separate TLS server, when ``ingest.tls.port`` is set
@@ -376,25 +219,19 @@ class StoreSCP:
 
     def _handle_closed(self, event: evt.Event) -> None:
         """One 'DICOM Instances Transferred' audit event per study the connection brought."""
-        from dicomnode.audit import events
-
-        # read, never cleared: EVT_RELEASED may still come after this and needs the studies
-        tallies: dict[str, _StudyTally] = getattr(event.assoc, "dicomnode_studies", {})
-        rq = event.assoc.requestor
-        for study_uid, t in tallies.items():
-            self.audit.record(events.instances_received,
-                rq.ae_title.strip(), rq.address, self.config.ae_title, study_uid,
-                dict(t.sop_classes), t.patient_id, t.patient_name,
-                outcome=0 if not t.failed else 4,
-            )
+        # closed, never removed: EVT_RELEASED may still come after this and needs the studies
+        session: AdmissionSession | None = getattr(event.assoc, "dicomnode_session", None)
+        if session is not None:
+            session.close()
 
     def _handle_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
+        return int(Status.SUCCESS)
 
     def _handle_released(self, event: evt.Event) -> None:
         # The studies live on the association object itself: no shared map to clean
         # up, and no race with EVT_CONN_CLOSE, which may fire before EVT_RELEASED.
-        studies: dict[str, _StudyTally] = getattr(event.assoc, "dicomnode_studies", {})
+        session: AdmissionSession | None = getattr(event.assoc, "dicomnode_session", None)
+        studies = session.studies if session is not None else {}
         if studies and self.config.completion.on_association_release:
             try:
                 self.index.record_release(event.assoc.requestor.ae_title, sorted(studies))
@@ -407,101 +244,39 @@ class StoreSCP:
         with self._in_flight_cv:
             self._in_flight += 1
         try:
-            return self._store(event)
+            return int(self._store(event))
         except Exception:  # nothing escapes a handler
             LOG.exception("unexpected error while storing an instance")
-            return STATUS_PROCESSING_FAILURE
+            return int(Status.PROCESSING_FAILURE)
         finally:
             with self._in_flight_cv:
                 self._in_flight -= 1
                 self._in_flight_cv.notify_all()
 
-    def _store(self, event: evt.Event) -> int:
+    def _session(self, assoc: Association) -> AdmissionSession:
+        """The association's admission session (its studies live on the association
+        itself: no shared map to clean up, and no race between EVT_CONN_CLOSE and
+        EVT_RELEASED, which may come in either order)."""
+        session: AdmissionSession | None = getattr(assoc, "dicomnode_session", None)
+        if session is None:
+            rq = assoc.requestor
+            session = self.admission.session(rq.ae_title.strip(), rq.address,
+                                             assoc.acceptor.ae_title.strip())
+            assoc.dicomnode_session = session  # type: ignore[attr-defined]
+        return session
+
+    def _store(self, event: evt.Event) -> Status:
+        """C-STORE (PS3.4 B.2): admit the received data set; its status is the answer.
+
+        pynetdicom has already buffered every P-DATA fragment of the data set in memory
+        when it calls the handler (the DIMSE layer hands over complete messages only);
+        the data set is written from that buffer without a copy."""
         req = event.request
-        assoc = event.assoc
-        calling_ae = assoc.requestor.ae_title.strip()
-        sop_class = str(req.AffectedSOPClassUID or "")
-        sop_uid_cmd = str(req.AffectedSOPInstanceUID or "")
-        transfer_syntax = event.context.transfer_syntax
-
-        # The size limit comes first, before anything parses the dataset. pynetdicom
-        # has already buffered every P-DATA fragment of it in memory by now (the DIMSE
-        # layer hands a message to the handler only once it is complete), so this
-        # bounds what is written and indexed, not what is received; max_pdu_size and
-        # the network timeout bound the transfer itself.
-        limit = self.config.ingest.max_instance_bytes
-        if limit is not None:
-            size = req.DataSet.getbuffer().nbytes if req.DataSet is not None else 0
-            if size > limit:
-                LOG.warning("refused an instance of %d bytes from %s: larger than the"
-                            " limit of %d", size, calling_ae, limit)
-                return STATUS_OUT_OF_RESOURCES
-
-        allowed = self.config.caller_sop_classes(calling_ae)
-        if allowed is not None and sop_class not in allowed:
-            LOG.warning("refused SOP class %s from %s: not allowed", sop_class, calling_ae)
-            return STATUS_NOT_AUTHORIZED
-
-        data = req.DataSet.getbuffer()  # the received bytes, not copied
-        try:
-            validate_uid(sop_class, "Affected SOP Class UID")
-            sop_uid = validate_uid(sop_uid_cmd, "Affected SOP Instance UID")
-            header = read_header(data, transfer_syntax)
-            if header.sop_instance_uid is not None and header.sop_instance_uid != sop_uid:
-                raise InvalidInstanceError(
-                    "SOP Instance UID in the dataset differs from the command's"
-                )
-            target = self.spool.instance_path(header.study_uid, header.series_uid, sop_uid)
-        except (InvalidInstanceError, InvalidUIDError) as exc:
-            LOG.warning("refused an instance from %s: %s", calling_ae, exc)
-            return STATUS_CANNOT_UNDERSTAND
-
-        studies = getattr(assoc, "dicomnode_studies", None)
-        if studies is None:
-            studies = assoc.dicomnode_studies = {}
-        tally = studies.get(header.study_uid)  # only this association's thread touches it
-        if tally is None:
-            tally = studies[header.study_uid] = _StudyTally(header.patient_id, header.patient_name)
-
-        ok, why = self.disk_guard.check()
-        if not ok:  # refuse cleanly before the disk fills, rather than fail mid-write
-            LOG.error("refused an instance from %s: %s", calling_ae, why)
-            tally.failed += 1
-            return STATUS_OUT_OF_RESOURCES
-
-        if self.index.has_instance(sop_uid):
-            LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
-            return STATUS_SUCCESS
-
-        try:
-            meta = encode_file_meta(
-                sop_class, sop_uid, str(transfer_syntax), IMPLEMENTATION_CLASS_UID,
-                IMPLEMENTATION_VERSION_NAME, calling_ae,
-            )
-            size = self.spool.store(target, (meta, data))
-            self.index.add_instance(
-                InstanceRecord(
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    study_uid=header.study_uid,
-                    series_uid=header.series_uid,
-                    transfer_syntax=str(transfer_syntax),
-                    calling_ae=calling_ae,
-                    size=size,
-                    received_at=time.time(),
-                    path=str(target.relative_to(self.spool.root)),
-                    expected_count=header.expected_count,
-                    called_ae=assoc.acceptor.ae_title.strip(),
-                )
-            )
-        except StorageError as exc:
-            LOG.error("cannot store an instance from %s: %s", calling_ae, exc)
-            tally.failed += 1
-            return STATUS_OUT_OF_RESOURCES
-        except Exception as exc:
-            # the index commit failed: the file may exist, but nothing was acknowledged
-            LOG.error("cannot index an instance from %s: %s", calling_ae, exc)
-            tally.failed += 1
-            return STATUS_OUT_OF_RESOURCES
-        tally.sop_classes[sop_class] += 1
-        return STATUS_SUCCESS
+        data = req.DataSet.getbuffer() if req.DataSet is not None else memoryview(b"")
+        outcome = self._session(event.assoc).admit(Arrival(
+            sop_class_uid=str(req.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+            transfer_syntax=str(event.context.transfer_syntax),
+            size=data.nbytes, header_bytes=data, dataset=data,
+        ))
+        return outcome.status

@@ -16,47 +16,26 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import secrets
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicomnode.errors import InvalidUIDError, StorageError
-from dicomnode.fsutil import fsync_dir as _fsync_dir
+from dicomnode.core.layout import StorageLayout
+from dicomnode.core.layout import fsync_dir as _fsync_dir
+from dicomnode.errors import StorageError
 
 LOG = logging.getLogger(__name__)
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def validate_uid(uid: object, what: str = "UID") -> str:
-    """Return ``uid`` if it is a syntactically valid DICOM UID (PS3.5 9.1), else raise.
-
-    Leading zeros in components are tolerated (they occur in real data); anything
-    but digits and single dots, or more than 64 characters, is refused.
-    """
-    if not isinstance(uid, str):
-        raise InvalidUIDError(f"{what} is missing")
-    uid = uid.rstrip("\x00 ")
-    if not uid:
-        raise InvalidUIDError(f"{what} is empty")
-    if len(uid) > 64:
-        raise InvalidUIDError(f"{what} is {len(uid)} characters long (at most 64)")
-    if not _UID_RE.match(uid):
-        raise InvalidUIDError(f"{what} contains characters other than digits and dots")
-    return uid
-
-
 
 
 class Spool:
     """Writes instances durably and finds them again."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.studies = self.root / "studies"
-        self.tmp = self.root / "tmp"
+        self.layout = StorageLayout(root)
+        self.root = self.layout.root
+        self.studies = self.layout.studies
+        self.tmp = self.layout.tmp
         for d in (self.root, self.studies, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         self._dirs_known: set[Path] = set()
@@ -74,10 +53,8 @@ class Spool:
         return removed
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        study = validate_uid(study_uid, "Study Instance UID")
-        series = validate_uid(series_uid, "Series Instance UID")
-        sop = validate_uid(sop_uid, "SOP Instance UID")
-        return self.studies / study / series / f"{sop}.dcm"
+        """Where an instance is stored (UIDs checked: no path leaves the folder)."""
+        return self.layout.instance_path(study_uid, series_uid, sop_uid)
 
     def _ensure_dir(self, directory: Path) -> None:
         """Create ``directory`` (and parents) durably: fsync each new entry's parent."""
@@ -96,6 +73,37 @@ class Spool:
                     pass
                 _fsync_dir(d.parent)
             self._dirs_known.add(directory)
+
+    def _place(self, tmp: Path, target: Path) -> None:
+        """Rename ``tmp`` (already synced) to ``target`` and make the entry durable."""
+        self._ensure_dir(target.parent)
+        try:
+            os.rename(tmp, target)
+        except FileNotFoundError:  # folder removed behind our back (e.g. a purge)
+            with self._dirs_lock:
+                self._dirs_known.discard(target.parent)
+            self._ensure_dir(target.parent)
+            os.rename(tmp, target)
+        _fsync_dir(target.parent)
+
+    def adopt(self, tmp: Path, target: Path) -> int:
+        """Make the complete file ``tmp`` (written in this spool's ``tmp/`` folder, e.g.
+        a STOW-RS part) the stored instance ``target``: fdatasync, rename, folder fsync.
+        No copy. Returns the size; raises StorageError (``tmp`` left to its owner)."""
+        if Path(tmp).parent.resolve() != self.tmp.resolve():
+            raise ValueError(f"tmp: {tmp} is not in the spool's tmp/ folder")
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            self._place(Path(tmp), target)
+        except OSError as exc:
+            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
+            raise StorageError(f"cannot write instance: {reason}") from exc
+        return size
 
     def store(self, target: Path, parts: Sequence[bytes | memoryview]) -> int:
         """Write ``parts`` to ``target`` durably and atomically; return the size.
@@ -119,15 +127,7 @@ class Spool:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            self._ensure_dir(target.parent)
-            try:
-                os.rename(tmp, target)
-            except FileNotFoundError:  # folder removed behind our back (e.g. a purge)
-                with self._dirs_lock:
-                    self._dirs_known.discard(target.parent)
-                self._ensure_dir(target.parent)
-                os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            self._place(tmp, target)
         except OSError as exc:
             try:
                 tmp.unlink()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dicomnode.audit.setup import open_audit
 from dicomnode.config import NodeConfig
-from dicomnode.index import Index
+from dicomnode.core.index import Index
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
 

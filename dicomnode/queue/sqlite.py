@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from dicomnode.db import ThreadLocalSQLite
+from dicomnode.core.db import ThreadLocalSQLite
 from dicomnode.queue.base import (
     DEFAULT_BACKOFF_BASE,
     DEFAULT_BACKOFF_JITTER,

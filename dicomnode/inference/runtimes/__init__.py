@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from dicomnode.inference.manifest import Manifest, load_manifest
+from dicomnode.core.manifest import Manifest, load_manifest
 from dicomnode.inference.runtime import ModelRuntime
 
 LOG = logging.getLogger(__name__)

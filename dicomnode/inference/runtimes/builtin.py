@@ -8,8 +8,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from dicomnode.core.manifest import Manifest
 from dicomnode.errors import ConfigError
-from dicomnode.inference.manifest import Manifest
 from dicomnode.inference.runtime import ModelRuntime
 
 

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dicomnode.core.manifest import Manifest
 from dicomnode.errors import ConfigError
 from dicomnode.inference.geometry import Volume
-from dicomnode.inference.manifest import Manifest
 from dicomnode.inference.runtime import ModelRuntime, Prediction
 
 if TYPE_CHECKING:  # torch is imported lazily: nothing heavy at import time

@@ -1,6 +1,15 @@
-"""Event-driven association reactors for the acceptor side (pynetdicom 3.0.x).
+"""Every override of pynetdicom's internals, in one place (pynetdicom 3.0.4, pinned).
 
-Stock pynetdicom polls: the association reactor sleeps 1 ms per loop before
+The node's DIMSE door needs more than pynetdicom's public API gives: a faster,
+event-driven receive loop, an allowlist that also looks at the caller's address and a
+per-caller association limit decided at association time, TLS handshakes off the
+accepting thread, and adopting an already listening socket. Each of those overrides a
+private method or attribute of pynetdicom, listed in :data:`OVERRIDES` (name and
+signature); ``tests/test_pynetdicom_pin.py`` checks that the installed pynetdicom still
+has each one as written, and fails naming the one that changed, so an upgrade cannot
+break the receive path silently.
+
+**Event-driven reactors.** Stock pynetdicom polls: the association reactor sleeps 1 ms per loop before
 looking for a DIMSE message, and the DUL reactor sleeps 1 ms and polls the socket
 when idle, which adds milliseconds of latency to every C-STORE. Here:
 
@@ -12,8 +21,13 @@ when idle, which adds milliseconds of latency to every C-STORE. Here:
 
 The checks each loop makes (DIMSE message, A-RELEASE, abort, DUL alive, network
 idle timeout, ARTIM) and their order are pynetdicom's own; timers are still noticed
-within ``IDLE_POLL_S``. These classes override private pynetdicom methods, so the
-project pins pynetdicom to the version they were written for.
+within ``IDLE_POLL_S``.
+
+**Policy at association time.** :class:`NodeACSE` enforces the config's allowlist
+(AE title + source address) and the per-caller association limit;
+:class:`NodeRequestHandler` does TLS handshakes in the connection's thread and
+attaches the policy; :class:`NodeAssociationServer` can adopt a listening socket so
+that several receiving processes share one port.
 """
 
 from __future__ import annotations
@@ -22,20 +36,68 @@ import logging
 import os
 import queue
 import select
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+if TYPE_CHECKING:
+    from dicomnode.config import NodeConfig
 
 LOG = logging.getLogger(__name__)
+
+#: The pinned pynetdicom version these overrides were written against.
+PYNETDICOM_VERSION = "3.0.4"
+
+#: Every private pynetdicom name overridden or relied on: (module, qualified name,
+#: signature as ``str(inspect.signature(...))``, or None for an attribute: a class
+#: attribute, or an instance attribute that the class's ``__init__`` sets).
+OVERRIDES: tuple[tuple[str, str, str | None], ...] = (
+    ("pynetdicom.dul", "DULServiceProvider.__init__", "(self, assoc: 'Association') -> None"),
+    ("pynetdicom.dul", "DULServiceProvider.run_reactor", "(self) -> None"),
+    ("pynetdicom.dul", "DULServiceProvider.kill_dul", "(self) -> None"),
+    ("pynetdicom.dul", "DULServiceProvider.stop_dul", "(self) -> bool"),
+    ("pynetdicom.dul", "DULServiceProvider._process_recv_primitive", "(self) -> bool"),
+    ("pynetdicom.dul", "DULServiceProvider._is_transport_event", "(self) -> bool"),
+    ("pynetdicom.dul", "DULServiceProvider.idle_timer_expired", "(self) -> bool"),
+    ("pynetdicom.transport", "AssociationSocket.recv", "(self, nr_bytes: int) -> bytearray"),
+    ("pynetdicom.association", "Association.__init__", "(self, ae: 'ApplicationEntity', mode: str) -> None"),
+    ("pynetdicom.association", "Association._run_reactor", "(self) -> None"),
+    ("pynetdicom.association", "Association._serve_request",
+     "(self, msg: 'C_ECHO | C_FIND | C_GET | C_MOVE | C_STORE | N_ACTION | N_CREATE"
+     " | N_DELETE | N_EVENT_REPORT | N_GET | N_SET', context_id: int) -> None"),
+    ("pynetdicom.association", "Association.kill", "(self) -> None"),
+    ("pynetdicom.transport", "RequestHandler._create_association", "(self) -> 'Association'"),
+    ("pynetdicom.transport", "RequestHandler.handle", "(self) -> None"),
+    ("pynetdicom.acse", "ACSE._negotiate_as_acceptor", "(self) -> None"),
+    ("pynetdicom.acse", "ACSE.send_reject", "(self, result: int, source: int, diagnostic: int) -> None"),
+    ("pynetdicom.transport", "ThreadedAssociationServer.server_bind", None),
+    ("pynetdicom.transport", "ThreadedAssociationServer.server_activate", None),
+    ("pynetdicom.transport", "ThreadedAssociationServer.get_request", None),
+    ("pynetdicom.ae", "ApplicationEntity._servers", None),
+    ("pynetdicom.association", "Association._dul_ready", None),
+    ("pynetdicom.association", "Association._reactor_checkpoint", None),
+    ("pynetdicom.association", "Association._is_paused", None),
+    ("pynetdicom.association", "Association._kill", None),
+    ("pynetdicom.association", "Association._server", None),
+    ("pynetdicom.dul", "DULServiceProvider._kill_thread", None),
+    ("pynetdicom.dul", "DULServiceProvider._idle_timer", None),
+    ("pynetdicom.transport", "AssociationSocket._is_connected", None),
+    ("pynetdicom.transport", "AssociationServer._handlers", None),
+    ("pynetdicom", "_config.UNRESTRICTED_STORAGE_SERVICE", None),
+    ("pynetdicom", "_config.LOG_HANDLER_LEVEL", None),
+)
 
 #: Longest sleep without a wake-up: bounds how late ARTIM / idle timeouts and a
 #: dead DUL thread are noticed. Traffic, release and abort wake the reactors at once.
@@ -305,3 +367,141 @@ class FastRequestHandler(RequestHandler):
                 for handler in self.server._handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
         return assoc
+
+
+class NodeACSE(ACSE):
+    """ACSE that also enforces the config's allowlist of callers (AE title + host)
+    and the per-caller association limit.
+
+    pynetdicom's own check knows only AE titles; ours adds the source address. A
+    refused peer gets A-ASSOCIATE-RJ, permanent, service-user, "calling AE title not
+    recognized" (PS3.8 9.3.4). A caller already holding
+    ``ingest.max_associations_per_caller`` associations gets A-ASSOCIATE-RJ,
+    transient, service-provider (presentation), "local limit exceeded" (2, 3, 2) —
+    the same answer pynetdicom gives when ``max_associations`` is reached.
+    """
+
+    def _reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
+        self.assoc.dicomnode_reject_reason = reason  # type: ignore[attr-defined]
+        self.send_reject(result, source, diagnostic)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
+    def _open_from(self, calling: str) -> int:
+        """Other acceptor associations (on any of the AE's servers) from ``calling``."""
+        n = 0
+        for other in self.assoc.ae.active_associations:
+            if other is self.assoc or not other.is_acceptor:
+                continue
+            if other.is_released or other.is_aborted or other.is_rejected:
+                continue
+            if other.requestor.ae_title.strip() == calling:
+                n += 1
+        return n
+
+    def _negotiate_as_acceptor(self) -> None:
+        policy: NodeConfig | None = getattr(self.assoc, "node_config", None)
+        calling = self.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
+        address = self.assoc.requestor.address
+        if policy is not None and policy.allowed_callers:
+            if not policy.caller_allowed(calling, address):
+                LOG.warning(
+                    "rejecting association from %s at %s: calling AE title not allowed",
+                    calling,
+                    address,
+                )
+                self._reject(0x01, 0x01, 0x03, "calling AE title or address not allowed")
+                return
+        limit = policy.ingest.max_associations_per_caller if policy is not None else None
+        if limit is not None and self._open_from(calling) >= limit:
+            LOG.warning(
+                "rejecting association from %s at %s: it already holds %d (the limit)",
+                calling,
+                address,
+                limit,
+            )
+            self._reject(0x02, 0x03, 0x02, "too many associations from this calling AE title")
+            return
+        super()._negotiate_as_acceptor()
+
+
+class NodeRequestHandler(FastRequestHandler):
+    """Creates event-driven associations that carry the node's policy and use NodeACSE."""
+
+    def handle(self) -> None:
+        """Finish the TLS handshake (if any) in this connection's own thread, then run
+        the association. A peer that fails the handshake (plain DICOM on a TLS port, no
+        or an untrusted client certificate) or stalls in it longer than the ACSE timeout
+        is logged and disconnected; the server goes on."""
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.settimeout(self.server.ae.acse_timeout)  # type: ignore[attr-defined]
+                sock.do_handshake()
+                sock.settimeout(None)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSError
+                LOG.warning("TLS handshake with %s failed: %s", self.client_address, exc)
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+                return
+            LOG.debug("TLS %s with %s (%s)", sock.version(), self.client_address, sock.cipher())
+        super().handle()
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        assoc.node_config = self.server.node_config  # type: ignore[attr-defined]
+        assoc.acse = NodeACSE(assoc)
+        sock = assoc.dul.socket
+        raw = getattr(sock, "socket", None)
+        if raw is not None:
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        return assoc
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """A threaded association server that can adopt an already listening socket.
+
+    Several receiving processes can then share one port: the parent creates and
+    binds the socket, each child adopts it.
+    """
+
+    node_config: NodeConfig
+    adopted_socket: socket.socket | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", NodeRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.adopted_socket is not None:
+            self.socket.close()
+            self.socket = self.adopted_socket
+            self.server_address = self.socket.getsockname()
+            return
+        super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.adopted_socket is not None:
+            return  # already listening
+        super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept; with TLS, wrap without handshaking here (pynetdicom would handshake
+        in the accepting thread, where one silent client stalls every other caller):
+        :meth:`NodeRequestHandler.handle` does it in the connection's thread."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            try:
+                client = self.ssl_context.wrap_socket(
+                    client, server_side=True, do_handshake_on_connect=False
+                )
+            except OSError:
+                client.close()
+                raise
+        return client, address

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomnode.db import ThreadLocalSQLite
+from dicomnode.core.db import ThreadLocalSQLite
 
 SCHEMA_VERSION = 1
 INDEX_FILENAME = "index.sqlite3"
@@ -98,6 +98,21 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredInstance(InstanceRecord):
+    """An instance the index holds (its row, with the row id)."""
+
+    id: int = 0
+
+
+_INSTANCE_COLUMNS = ("sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,"
+                     " calling_ae, size, received_at, path, expected_count, called_ae, origin, id")
+
+
+def _stored(row: tuple[Any, ...]) -> StoredInstance:
+    return StoredInstance(*row)
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """A study reached completion: handed to the next stage exactly through this."""
 
@@ -134,6 +149,8 @@ class Index:
         return self._db.transaction()
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Raw SQL, for tests and diagnostics only: the node itself uses the typed
+        queries below."""
         conn = self._conn()
         conn.row_factory = sqlite3.Row
         try:
@@ -312,15 +329,39 @@ class Index:
         )
         return [Completion(*r) for r in rows]
 
-    def study_series(self, study_uid: str) -> dict[str, list[sqlite3.Row]]:
-        """The instances of a study grouped by series, in arrival order."""
-        out: dict[str, list[sqlite3.Row]] = {}
-        for row in self.query(
-            "SELECT * FROM instances WHERE study_uid = ? AND origin = 'received' ORDER BY id",
-            (study_uid,)
-        ):
-            out.setdefault(row["series_uid"], []).append(row)
+    def study_series(self, study_uid: str) -> dict[str, list[StoredInstance]]:
+        """The received instances of a study grouped by series, in arrival order."""
+        out: dict[str, list[StoredInstance]] = {}
+        for row in self.instances(study_uid=study_uid, origin="received"):
+            out.setdefault(row.series_uid, []).append(row)
         return out
+
+    def instances(self, *, study_uid: str | None = None, series_uid: str | None = None,
+                  sop_uid: str | None = None, origin: str | None = None
+                  ) -> list[StoredInstance]:
+        """The instances matching every criterion given, in arrival order."""
+        cond: list[str] = []
+        params: list[Any] = []
+        for column, value in (("study_uid", study_uid), ("series_uid", series_uid),
+                              ("sop_instance_uid", sop_uid), ("origin", origin)):
+            if value is not None:
+                cond.append(f"{column} = ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(cond)}" if cond else ""
+        rows = self._conn().execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances{where} ORDER BY id", params)
+        return [_stored(r) for r in rows]
+
+    def study_paths(self, study_uid: str) -> list[str]:
+        """The stored paths of every instance of a study (received and results)."""
+        return [r[0] for r in self._conn().execute(
+            "SELECT path FROM instances WHERE study_uid = ? ORDER BY id", (study_uid,))]
+
+    def last_received(self, study_uid: str) -> float | None:
+        """When the study's latest instance arrived, or None for an unknown study."""
+        row = self._conn().execute(
+            "SELECT last_received FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+        return None if row is None else float(row[0])
 
     # -- reporting ----------------------------------------------------------
 

@@ -1,0 +1,236 @@
+"""One way in for an instance, whichever door it came through.
+
+Both front doors, the DIMSE C-STORE SCP (:mod:`dicomnode.ingest.scp`, PS3.4 Annex B)
+and STOW-RS (:mod:`dicomnode.ingest.stow`, PS3.18 10.5), hand each instance to
+:meth:`AdmissionSession.admit`, which runs the one sequence that decides whether it is
+kept:
+
+1. size limit, and the SOP classes the caller may store;
+2. UIDs valid (they become file names), header readable (study, series, SOP instance),
+   the data set's SOP Instance UID equal to the one the door was told, the study the
+   request names (STOW-RS ``/studies/{uid}``);
+3. free disk above the guard;
+4. an instance already held is a success, stored once;
+5. written durably (temp file, fdatasync, rename, folder fsync) and indexed;
+
+and returns an :class:`Outcome` with a :class:`~dicomnode.core.status.Status`. Each
+door only translates the outcome into its protocol: a C-STORE response status, or an
+entry of the STOW-RS response's Referenced/Failed SOP Sequence. A session is one
+association or one STOW-RS request: it tallies what it brought per study and, on
+:meth:`AdmissionSession.close`, records one "DICOM Instances Transferred" audit event
+per study (PS3.15 A.5.3.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicomnode.audit.recorder import Audit, NullAudit
+from dicomnode.config import NodeConfig
+from dicomnode.core.index import Index, InstanceRecord
+from dicomnode.core.status import Status, status_for
+from dicomnode.core.uids import check_uid
+from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
+from dicomnode.ingest.diskguard import DiskGuard
+from dicomnode.ingest.header import HeaderInfo, encode_file_meta, read_header
+from dicomnode.ingest.spool import Spool
+
+LOG = logging.getLogger(__name__)
+
+# Implementation Class UID: a UUID-derived UID (PS3.5 B.2), fixed for this product.
+IMPLEMENTATION_CLASS_UID = "2.25.160285946466287385733542389713476361517"
+
+
+def implementation_version_name() -> str:
+    from dicomnode import __version__
+
+    return f"DICOMNODE_{__version__}"[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """An instance at a door, as the door was told about it, before anything is kept.
+
+    Exactly one of ``dataset`` (the encoded data set, without file meta: C-STORE) and
+    ``file`` (a complete Part 10 file in the spool's ``tmp/`` folder, with
+    ``dataset_offset`` where its data set starts: STOW-RS) is given; ``header_bytes``
+    is what the header is read from (the start of the data set).
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    size: int
+    header_bytes: bytes | memoryview
+    dataset: memoryview | None = None
+    file: Path | None = None
+    study_uid: str | None = None  # the study the request names, if any
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one arrival: ``status`` Success (stored now, or already held:
+    ``duplicate``) or the failure the door reports, with a reason for the log."""
+
+    status: Status
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    header: HeaderInfo | None = None
+    reason: str | None = None
+    duplicate: bool = False
+
+    @property
+    def stored(self) -> bool:
+        return self.status == Status.SUCCESS
+
+
+@dataclass
+class _StudyTally:
+    """What one session brought of one study (for its audit event)."""
+
+    patient_id: str
+    patient_name: str
+    sop_classes: Counter[str] = field(default_factory=Counter)
+    failed: int = 0
+
+
+class Admission:
+    """The admission policy and the durable stores an instance goes to."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, index: Index, *,
+                 audit: Audit | None = None, disk_guard: DiskGuard | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.index = index
+        self.audit: Audit = audit or NullAudit()
+        rc = config.retention
+        self.disk_guard = disk_guard or DiskGuard(
+            config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
+        self.implementation_version = implementation_version_name()
+
+    def session(self, calling_ae: str, address: str, called_ae: str | None = None
+                ) -> AdmissionSession:
+        """A session for one association or one STOW-RS request."""
+        return AdmissionSession(self, calling_ae, address, called_ae or self.config.ae_title)
+
+
+class AdmissionSession:
+    """One association's (or request's) instances: admits each, tallies per study."""
+
+    def __init__(self, admission: Admission, calling_ae: str, address: str,
+                 called_ae: str) -> None:
+        self.admission = admission
+        self.calling_ae = calling_ae
+        self.address = address
+        self.called_ae = called_ae
+        self.studies: dict[str, _StudyTally] = {}
+        self._closed = False
+
+    def admit(self, arrival: Arrival) -> Outcome:
+        """Run the admission sequence for one instance; never raises."""
+        try:
+            outcome = self._admit(arrival)
+        except Exception as exc:  # nothing escapes: a bug becomes a processing failure
+            LOG.exception("unexpected error while admitting an instance from %s",
+                          self.calling_ae)
+            outcome = Outcome(status_for(exc), reason=f"{type(exc).__name__}")
+        header = outcome.header
+        if header is not None:
+            tally = self.studies.get(header.study_uid)
+            if tally is None:
+                tally = self.studies[header.study_uid] = _StudyTally(
+                    header.patient_id, header.patient_name)
+            if outcome.stored:
+                if not outcome.duplicate:
+                    tally.sop_classes[outcome.sop_class_uid] += 1
+            else:
+                tally.failed += 1
+        return outcome
+
+    def _admit(self, a: Arrival) -> Outcome:
+        adm = self.admission
+        cfg = adm.config
+        limit = cfg.ingest.max_instance_bytes
+        if limit is not None and a.size > limit:
+            LOG.warning("refused an instance of %d bytes from %s: larger than the limit of %d",
+                        a.size, self.calling_ae, limit)
+            return Outcome(Status.OUT_OF_RESOURCES, reason="larger than the size limit")
+        allowed = cfg.caller_sop_classes(self.calling_ae)
+        if allowed is not None and a.sop_class_uid not in allowed:
+            LOG.warning("refused SOP class %s from %s: not allowed", a.sop_class_uid,
+                        self.calling_ae)
+            return Outcome(Status.NOT_AUTHORIZED, reason="SOP class not allowed for the caller")
+        try:
+            sop_class = check_uid(a.sop_class_uid, "SOP Class UID")
+            sop_uid = check_uid(a.sop_instance_uid, "SOP Instance UID")
+            check_uid(a.transfer_syntax, "Transfer Syntax UID")
+            header = read_header(a.header_bytes, a.transfer_syntax)
+            if header.sop_instance_uid is not None and header.sop_instance_uid != sop_uid:
+                raise InvalidInstanceError(
+                    "SOP Instance UID in the data set differs from the one announced")
+            target = adm.spool.instance_path(header.study_uid, header.series_uid, sop_uid)
+        except (InvalidInstanceError, InvalidUIDError) as exc:
+            LOG.warning("refused an instance from %s: %s", self.calling_ae, exc)
+            return Outcome(Status.CANNOT_UNDERSTAND, _valid_or_empty(a.sop_class_uid),
+                           _valid_or_empty(a.sop_instance_uid), reason=str(exc))
+        if a.study_uid is not None and header.study_uid != a.study_uid:
+            return Outcome(Status.DATASET_MISMATCH, sop_class, sop_uid,
+                           reason="the instance belongs to another study than the request's")
+        ok, why = adm.disk_guard.check()
+        if not ok:  # refuse cleanly before the disk fills, rather than fail mid-write
+            LOG.error("refused an instance from %s: %s", self.calling_ae, why)
+            return Outcome(Status.OUT_OF_RESOURCES, sop_class, sop_uid, header, reason=why)
+        if adm.index.has_instance(sop_uid):
+            LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
+            return Outcome(Status.SUCCESS, sop_class, sop_uid, header, duplicate=True)
+        try:
+            if a.file is not None:
+                size = adm.spool.adopt(a.file, target)
+            else:
+                assert a.dataset is not None
+                meta = encode_file_meta(sop_class, sop_uid, a.transfer_syntax,
+                                        IMPLEMENTATION_CLASS_UID, adm.implementation_version,
+                                        self.calling_ae)
+                size = adm.spool.store(target, (meta, a.dataset))
+            adm.index.add_instance(InstanceRecord(
+                sop_instance_uid=sop_uid, sop_class_uid=sop_class,
+                study_uid=header.study_uid, series_uid=header.series_uid,
+                transfer_syntax=a.transfer_syntax, calling_ae=self.calling_ae, size=size,
+                received_at=time.time(), path=str(target.relative_to(adm.spool.root)),
+                expected_count=header.expected_count, called_ae=self.called_ae,
+            ))
+        except StorageError as exc:
+            LOG.error("cannot store an instance from %s: %s", self.calling_ae, exc)
+            return Outcome(Status.OUT_OF_RESOURCES, sop_class, sop_uid, header, reason=str(exc))
+        except Exception as exc:
+            # the index commit failed: the file may exist, but nothing was acknowledged
+            LOG.error("cannot index an instance from %s: %s", self.calling_ae, exc)
+            return Outcome(Status.OUT_OF_RESOURCES, sop_class, sop_uid, header,
+                           reason="the index cannot be written")
+        return Outcome(Status.SUCCESS, sop_class, sop_uid, header)
+
+    def close(self) -> None:
+        """One 'DICOM Instances Transferred' audit event per study the session brought.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        from dicomnode.audit import events
+
+        for study_uid, t in self.studies.items():
+            self.admission.audit.record(
+                events.instances_received, self.calling_ae, self.address,
+                self.admission.config.ae_title, study_uid, dict(t.sop_classes),
+                t.patient_id, t.patient_name, outcome=0 if not t.failed else 4)
+
+
+def _valid_or_empty(uid: str) -> str:
+    """A UID echoed back in a response only when it is valid."""
+    try:
+        return check_uid(uid)
+    except InvalidUIDError:
+        return ""
