@@ -54,7 +54,7 @@ PEER_OVERHEAD_S = 45.0  # what a peer spends per task, for comparison
 SEND_TIMEOUT_S = 300.0
 DELIVERY_TIMEOUT_S = 300.0
 
-# "2024-05-01 12:00:00,123 INFO dicomnode.pipeline: job 1 started: ..."
+# "2024-05-01 12:00:00,123 INFO dicomnode.worker.inference: job 1 started: ..."
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 
 

@@ -32,11 +32,11 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dicomnode.core.manifest import Code, Label, Manifest, load_manifest  # noqa: E402
 from dicomnode.encode.base import EncodeInput  # noqa: E402
 from dicomnode.encode.seg import encode_seg  # noqa: E402
 from dicomnode.encode.sr import encode_sr  # noqa: E402
 from dicomnode.encode.validate import check_object, dciodvfy_available  # noqa: E402
-from dicomnode.inference.manifest import Code, Label, Manifest, load_manifest  # noqa: E402
 from dicomnode.inference.volume import load_series  # noqa: E402
 from dicomnode.synthetic import make_ct_series  # noqa: E402
 

@@ -209,10 +209,11 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
+    from dicomnode.core.layout import StorageLayout
+    from dicomnode.export.outbox import Outbox
 
     config = _load(args, {"storage": args.storage})
-    if not (Path(config.storage) / OUTBOX_DIRNAME).exists():
+    if not StorageLayout(config.storage).outbox.exists():
         print(f"no outbox in {config.storage} (nothing was ever queued for delivery)")
         return EXIT_OK
     outbox = Outbox(config.storage)

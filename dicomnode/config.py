@@ -24,11 +24,10 @@ from pydantic import (
     model_validator,
 )
 
+from dicomnode.core.uids import is_uid
 from dicomnode.errors import ConfigError
 
 SENDER = "@sender"  # in a rule's destinations: the calling AE's own return address
-
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 def _check_ae_title(value: str) -> str:
@@ -46,7 +45,7 @@ def _check_ae_title(value: str) -> str:
 
 
 def _check_uid(value: str) -> str:
-    if len(value) > 64 or not _UID_RE.match(value):
+    if not is_uid(value, strict=True):
         raise ValueError(f"{value!r} is not a valid DICOM UID")
     return value
 

@@ -48,6 +48,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicomnode.core.index import IndexStats
+
 PREFIX = "dicomnode"
 MAX_LABEL_VALUES = 200
 OTHER = "other"
@@ -96,7 +98,7 @@ class _StateCollector(Collector):
         self.queue_counts: Callable[[], Mapping[Any, int]] | None = None
         self.oldest_pending_age: Callable[[], float | None] | None = None
         self.exports: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None
-        self.index_query: Callable[[str], list[Any]] | None = None
+        self.index_stats: Callable[[], IndexStats] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return [
@@ -161,16 +163,14 @@ class _StateCollector(Collector):
         return [fam]
 
     def _index(self) -> list[Metric] | None:
-        if self.index_query is None:
+        if self.index_stats is None:
             return None
-        q = self.index_query
+        stats = self.index_stats()
         inst = GaugeMetricFamily(f"{PREFIX}_index_instances",
                                  "Instances held in the shared index",
                                  labels=["transfer_syntax", "calling_ae"])
-        rows = q("SELECT transfer_syntax, calling_ae, count(*) FROM instances"
-                 " GROUP BY transfer_syntax, calling_ae ORDER BY count(*) DESC")
         other: dict[str, int] = {}
-        for i, (ts, ae, n) in enumerate(rows):
+        for i, (ts, ae, n) in enumerate(stats.instances):
             if i < MAX_LABEL_VALUES:
                 inst.add_metric([str(ts), str(ae).strip()], float(n))
             else:  # too many distinct label pairs: fold the smallest into "other"
@@ -180,14 +180,12 @@ class _StateCollector(Collector):
         studies = GaugeMetricFamily(f"{PREFIX}_index_studies", "Studies in the index by state",
                                     labels=["state"])
         by_state = {"receiving": 0, "complete": 0}
-        for state, n in q("SELECT state, count(*) FROM studies GROUP BY state"):
-            by_state[str(state)] = int(n)
+        by_state.update(stats.studies)
         for state, n in sorted(by_state.items()):
             studies.add_metric([state], float(n))
-        (n_comp,), = q("SELECT count(*) FROM completions")
         comps = GaugeMetricFamily(f"{PREFIX}_index_completions",
                                   "Study completions (revisions) recorded in the index",
-                                  value=float(n_comp))
+                                  value=float(stats.completions))
         return [inst, studies, comps]
 
 
@@ -240,10 +238,10 @@ class Metrics:
                queue_counts: Callable[[], Mapping[Any, int]] | None = None,
                oldest_pending_age: Callable[[], float | None] | None = None,
                exports: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None,
-               index_query: Callable[[str], list[Any]] | None = None) -> Metrics:
+               index_stats: Callable[[], IndexStats] | None = None) -> Metrics:
         """Set the scrape-time sources; ``None`` leaves a source as it was.
 
-        ``index``: a :class:`dicomnode.core.index.Index` (anything with ``query(sql)``);
+        ``index``: a :class:`dicomnode.core.index.Index` (anything with ``stats()``);
         ``queue``: a job queue (``counts()``, ``oldest_pending_age()``);
         ``outbox``: an :class:`~dicomnode.export.outbox.Outbox` (``summary()``).
         The explicit callables override the objects' methods.
@@ -255,15 +253,15 @@ class Metrics:
         if outbox is not None:
             s.exports = outbox.summary
         if index is not None:
-            s.index_query = lambda sql: [tuple(r) for r in index.query(sql)]
+            s.index_stats = index.stats
         if queue_counts is not None:
             s.queue_counts = queue_counts
         if oldest_pending_age is not None:
             s.oldest_pending_age = oldest_pending_age
         if exports is not None:
             s.exports = exports
-        if index_query is not None:
-            s.index_query = index_query
+        if index_stats is not None:
+            s.index_stats = index_stats
         return self
 
     # -- events ---------------------------------------------------------------

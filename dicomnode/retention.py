@@ -44,7 +44,6 @@ instances; it never deletes anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -60,6 +59,8 @@ from typing import Any
 from pydicom import dcmread
 
 from dicomnode.core.index import Index
+from dicomnode.core.layout import JobKey, StorageLayout, folder_name
+from dicomnode.core.purges import PurgeLedger
 from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
 from dicomnode.ingest.diskguard import DiskGuard  # noqa: F401  (re-exported)
 from dicomnode.queue.base import Job, JobQueue, JobState
@@ -71,26 +72,6 @@ DAY = 86400.0
 PurgedCallback = Callable[[str, int, str | None, str | None, str], None]
 """``on_purged(study_uid, instances, patient_id, patient_name, reason)``."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS retention_purges (
-    study_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('purging', 'purged')),
-    reason TEXT NOT NULL,
-    instances INTEGER NOT NULL,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    started_at REAL NOT NULL,
-    finished_at REAL,
-    patient_id TEXT,
-    patient_name TEXT
-);
-CREATE TABLE IF NOT EXISTS retention_files (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('instance', 'result', 'outbox')),
-    path TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS retention_files_study ON retention_files(study_uid);
-"""
 
 _ACTIVE = (JobState.PENDING, JobState.LEASED)
 
@@ -196,14 +177,11 @@ class _Owed:
 
 
 def _study_of_key(key: str) -> str | None:
-    """The study UID a job key (``<study>/<revision>/...``) starts with."""
-    head, sep, _ = key.partition("/")
-    return head if sep and head else None
-
-
-def _result_dir_name(job_key: str) -> str:
-    """The folder under ``results/`` that the worker uses for a job (see pipeline)."""
-    return hashlib.sha256(job_key.encode()).hexdigest()[:32]
+    """The study UID of a job key, or None for a key of another form."""
+    try:
+        return JobKey.parse(key).study_uid
+    except ValueError:
+        return None
 
 
 def _when(ts: float) -> str:
@@ -249,16 +227,14 @@ class PurgeRecovery:
         if on_purged is not None and not callable(on_purged):
             raise ValueError("on_purged: must be callable or None")
         self.storage = Path(storage)
-        self.studies_dir = self.storage / "studies"
-        self.results_dir = self.storage / "results"
+        layout = StorageLayout(storage)
+        self.studies_dir = layout.studies
+        self.results_dir = layout.results
         self.index = index
+        self.ledger = PurgeLedger(index)
         self.clock = clock
         self.on_purged = on_purged
         self._run_lock = threading.Lock()
-        with index.transaction() as conn:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
 
     def recover(self) -> list[PurgedStudy]:
         """Finish every purge a crash interrupted; call at start-up, before reconcile.
@@ -272,15 +248,12 @@ class PurgeRecovery:
 
     def in_flight(self) -> list[str]:
         """The studies whose purge was started and not finished."""
-        return [r["study_uid"] for r in self.index.query(
-            "SELECT study_uid FROM retention_purges WHERE state = 'purging'")]
+        return self.ledger.in_flight()
 
     # -- steps 2-4 ----------------------------------------------------------------------------
 
     def _resume_all(self, report: PurgeReport) -> None:
-        for row in self.index.query(
-                "SELECT study_uid FROM retention_purges WHERE state = 'purging' ORDER BY started_at"):
-            uid = row["study_uid"]
+        for uid in self.ledger.in_flight():
             LOG.warning("retention: finishing the interrupted purge of study %s", uid)
             try:
                 report.purged.append(self._finish(uid, resumed=True))
@@ -290,18 +263,13 @@ class PurgeRecovery:
 
     def _finish(self, uid: str, *, resumed: bool) -> PurgedStudy:
         """Steps 2-4 for a study marked ``purging``: delete files, audit, mark purged."""
-        marker = self.index.query(
-            "SELECT reason, instances, bytes, patient_id, patient_name FROM retention_purges"
-            " WHERE study_uid = ?", (uid,))[0]
-        todo = self.index.query(
-            "SELECT kind, path FROM retention_files WHERE study_uid = ? ORDER BY id", (uid,))
+        marker = self.ledger.marker(uid)
+        todo = self.ledger.files(uid)
         # instances of this study received (again) since step 1 have rows of their own
-        live = {r["path"] for r in self.index.query(
-            "SELECT path FROM instances WHERE study_uid = ?", (uid,))}
+        live = set(self.index.study_paths(uid))
         counts = {"instance": 0, "result": 0, "outbox": 0}
         parents: set[Path] = set()
-        for item in todo:
-            kind, raw = item["kind"], item["path"]
+        for kind, raw in todo:
             counts[kind] += 1
             if kind == "instance":
                 if raw in live:
@@ -316,19 +284,14 @@ class PurgeRecovery:
         for series_dir in sorted(parents):
             self._remove_empty(series_dir)
             self._remove_empty(series_dir.parent)
-        reason = str(marker["reason"])
+        reason = marker.reason
         if self.on_purged is not None:
-            self.on_purged(uid, int(marker["instances"]), marker["patient_id"],
-                           marker["patient_name"], reason)
-        with self.index.transaction() as conn:
-            conn.execute("DELETE FROM retention_files WHERE study_uid = ?", (uid,))
-            conn.execute(
-                "UPDATE retention_purges SET state = 'purged', finished_at = ?,"
-                " patient_id = NULL, patient_name = NULL WHERE study_uid = ?",
-                (float(self.clock()), uid))
+            self.on_purged(uid, marker.instances, marker.patient_id, marker.patient_name,
+                           reason)
+        self.ledger.finish(uid, float(self.clock()))
         LOG.info("retention: study %s purged%s", uid, " (resumed)" if resumed else "")
-        return PurgedStudy(uid, int(marker["instances"]), counts["result"], counts["outbox"],
-                           int(marker["bytes"]), reason, resumed)
+        return PurgedStudy(uid, marker.instances, counts["result"], counts["outbox"],
+                           marker.bytes, reason, resumed)
 
     def _remove(self, path: Path, kind: str) -> None:
         """Delete one file (or a result folder); a missing one is already done."""
@@ -430,23 +393,21 @@ class Purger(PurgeRecovery):
         # added before its completion is marked handed off, and a job's deliveries are
         # queued before it is DONE; reading in this order, whatever was owed at the
         # time the index was read shows up in one of the later reads.
-        studies = self.index.query(
-            "SELECT study_uid, state, revision, last_received FROM studies")
-        unhanded = {r[0] for r in self.index.query(
-            "SELECT DISTINCT study_uid FROM completions WHERE handed_off = 0")}
+        studies = self.ledger.studies()
+        unhanded = self.ledger.not_handed_off()
         candidates = []
         for row in studies:
-            uid = row["study_uid"]
+            uid = row.study_uid
             if uid in in_flight:
                 continue
-            if row["last_received"] >= cutoff:
+            if row.last_received >= cutoff:
                 report.young += 1
-            elif row["state"] != "complete":
+            elif row.state != "complete":
                 report.kept[uid] = "still receiving instances (not complete)"
             elif uid in unhanded:
                 report.kept[uid] = "its completion has not been handed to routing yet"
             else:
-                candidates.append((uid, int(row["revision"])))
+                candidates.append((uid, int(row.revision)))
         if not candidates:
             return
         owed = self._owed(now)
@@ -498,7 +459,7 @@ class Purger(PurgeRecovery):
         self._scan_results(owed)
         for uid, keys in failed_keys.items():  # a failed job may have left a folder
             for key in keys:
-                folder = self.results_dir / _result_dir_name(key)
+                folder = self.results_dir / folder_name(key)
                 if folder.is_dir() and folder not in owed.result_dirs.get(uid, set()):
                     owed.result_dirs.setdefault(uid, set()).add(folder)
                     owed.result_sops.setdefault(uid, set()).update(_object_sops(folder))
@@ -537,8 +498,7 @@ class Purger(PurgeRecovery):
     def _purge(self, uid: str, revision: int, cutoff: float, reason: str, owed: _Owed,
                dry_run: bool) -> PurgedStudy | str:
         """Purge one study (steps 1-4); returns why it was kept if it changed meanwhile."""
-        paths = [r["path"] for r in self.index.query(
-            "SELECT path FROM instances WHERE study_uid = ? ORDER BY id", (uid,))]
+        paths = self.index.study_paths(uid)
         folders = sorted(owed.result_dirs.get(uid, set()))
         objects: list[Path] = []
         if self.outbox is not None:
@@ -554,34 +514,13 @@ class Purger(PurgeRecovery):
         size = sum(_size(self.storage / p) for p in paths)
         size += sum(_tree_size(f) for f in folders) + sum(_size(o) for o in objects)
         # step 1: mark, hand the paths to the to-do list, drop the rows -- atomically
-        with self.index.transaction() as conn:
-            row = conn.execute(
-                "SELECT state, revision, last_received FROM studies WHERE study_uid = ?",
-                (uid,)).fetchone()
-            if (row is None or row[0] != "complete" or int(row[1]) != revision
-                    or float(row[2]) >= cutoff):
-                return "changed while the purge was being prepared; looked at again next run"
-            if conn.execute("SELECT 1 FROM completions WHERE study_uid = ? AND handed_off = 0",
-                            (uid,)).fetchone() is not None:
-                return "its completion has not been handed to routing yet"
-            rows = conn.execute("SELECT path FROM instances WHERE study_uid = ?",
-                                (uid,)).fetchall()
-            conn.execute(
-                "INSERT OR REPLACE INTO retention_purges (study_uid, state, reason, instances,"
-                " bytes, started_at, finished_at, patient_id, patient_name)"
-                " VALUES (?, 'purging', ?, ?, ?, ?, NULL, ?, ?)",
-                (uid, reason, len(rows), size, float(self.clock()), patient_id, patient_name))
-            conn.execute("DELETE FROM retention_files WHERE study_uid = ?", (uid,))
-            conn.executemany(
-                "INSERT INTO retention_files (study_uid, kind, path) VALUES (?, ?, ?)",
-                [(uid, "outbox", str(o)) for o in objects]
-                + [(uid, "result", str(f)) for f in folders]
-                + [(uid, "instance", r[0]) for r in rows])
-            conn.execute("DELETE FROM instances WHERE study_uid = ?", (uid,))
-            conn.execute("DELETE FROM completions WHERE study_uid = ?", (uid,))
-            conn.execute("DELETE FROM studies WHERE study_uid = ?", (uid,))
+        started = self.ledger.start(uid, revision, cutoff, reason, size, float(self.clock()),
+                                    (patient_id, patient_name), [str(o) for o in objects],
+                                    [str(f) for f in folders])
+        if isinstance(started, str):
+            return started
         LOG.info("retention: purging study %s (%d instance(s), %d result folder(s))",
-                 uid, len(rows), len(folders))
+                 uid, started, len(folders))
         return self._finish(uid, resumed=False)
 
     def _read_patient(self, paths: list[str]) -> tuple[str | None, str | None]:

@@ -32,16 +32,19 @@ from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.audit.setup import open_audit
 from dicomnode.config import NodeConfig
 from dicomnode.core.index import Index
+from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.export.dispatcher import Dispatcher
-from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
+from dicomnode.export.outbox import Outbox
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
 from dicomnode.metrics import Metrics
-from dicomnode.pipeline import InferenceWorker, ModelPool, RoutingSink
 from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
+from dicomnode.routing.sink import RoutingSink
+from dicomnode.worker.inference import InferenceWorker
+from dicomnode.worker.pool import ModelPool
 
 LOG = logging.getLogger(__name__)
 
@@ -85,22 +88,24 @@ class Node:
         self._stop = threading.Event()
         self._stopping = False
         self._running_marker: Path | None = None
+        self.layout = StorageLayout(config.storage)
 
     # -- startup ----------------------------------------------------------------
 
     def startup(self) -> None:
         cfg = self.config
-        Path(cfg.storage).mkdir(parents=True, exist_ok=True)
+        layout = self.layout = StorageLayout(cfg.storage)
+        layout.root.mkdir(parents=True, exist_ok=True)
         self.audit = open_audit(cfg, "node", forward=True)
         self.audit.record(events.config_loaded, str(self.config_source), True)
-        self.spool = Spool(Path(cfg.storage))
+        self.spool = Spool(layout.root)
         removed = self.spool.clean_tmp()
         if removed:
             LOG.warning("removed %d partial files left by an earlier crash", removed)
-        self.index = Index(Index.path_for(cfg.storage))
+        self.index = Index(layout.index_db)
         # finish purges a crash interrupted, before reconcile could re-index their files
         PurgeRecovery(cfg.storage, self.index, on_purged=self._audit_purge).recover()
-        self._running_marker = Path(cfg.storage) / ".running"
+        self._running_marker = layout.running_marker
         if self._running_marker.exists():
             LOG.warning("the previous run did not shut down cleanly; checking the index")
             reconcile(self.index, self.spool)
@@ -137,7 +142,7 @@ class Node:
         cfg = self.config
         assert self.index is not None
         self.queue = SQLiteJobQueue(
-            SQLiteJobQueue.path_for(cfg.storage),
+            self.layout.jobs_db,
             backoff_base=cfg.inference.retry_backoff_seconds,
             backoff_max=cfg.inference.retry_backoff_max_seconds,
         )
@@ -178,20 +183,22 @@ class Node:
         """Turnaround metric: last instance of the study to its results delivered."""
         if self.metrics is None or self.index is None:
             return
-        study_uid, *_rest, model = job_key.split("/")
-        rows = self.index.query("SELECT last_received FROM studies WHERE study_uid = ?",
-                                (study_uid,))
-        if rows:
-            self.metrics.turnaround(model, time.time() - float(rows[0]["last_received"]))
+        try:
+            key = JobKey.parse(job_key)
+        except ValueError:
+            return
+        last = self.index.last_received(key.study_uid)
+        if last is not None:
+            self.metrics.turnaround(key.model, time.time() - last)
 
     def _start_http(self) -> None:
         from dicomnode.http import build_app, start_http
 
         cfg = self.config
         assert self.spool is not None and self.index is not None
-        databases = [Index.path_for(cfg.storage)]
+        databases = [self.layout.index_db]
         if self.queue is not None:
-            databases.append(SQLiteJobQueue.path_for(cfg.storage))
+            databases.append(self.layout.jobs_db)
         app = build_app(cfg, self.spool, self.index, self.metrics, databases,
                         scheduler=lambda: self.scheduler, audit=self.audit)
         self.http = start_http(cfg, app)
@@ -201,7 +208,8 @@ class Node:
 
     def _preload(self, pool: ModelPool) -> None:
         """Load every routed model onto its device, and warm the result path once."""
-        from dicomnode.results import kinds_for, warm_up
+        from dicomnode.encode.objects import kinds_for
+        from dicomnode.worker.results import warm_up
 
         cfg = self.config
         kinds = kinds_for(cfg.destinations)
@@ -221,7 +229,7 @@ class Node:
         cfg = self.config
         assert self.index is not None and self.queue is not None and self.scheduler is not None
         outbox = self.outbox
-        if outbox is None and (Path(cfg.storage) / OUTBOX_DIRNAME).exists():
+        if outbox is None and self.layout.outbox.exists():
             outbox = self._retention_outbox = Outbox(cfg.storage)  # deliveries left from before
         rc = cfg.retention
         self.purger = Purger(cfg.storage, self.index, self.queue, outbox,

@@ -25,11 +25,11 @@ from dicomnode.export.base import (
     Result,
     Sender,
     classify_status,
-    make_sender,
 )
 from dicomnode.export.dimse import DimseStoreSender
 from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
+from dicomnode.export.senders import make_sender
 from dicomnode.export.stowrs import StowRsSender, interpret
 from dicomnode.synthetic import make_ct_series
 

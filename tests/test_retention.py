@@ -20,6 +20,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicomnode.core.index import Index, InstanceRecord
+from dicomnode.core.layout import folder_name as _result_dir_name
 from dicomnode.export.outbox import Outbox
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.spool import Spool
@@ -30,7 +31,6 @@ from dicomnode.retention import (
     Purger,
     PurgeRecovery,
     RetentionPolicy,
-    _result_dir_name,
 )
 from dicomnode.synthetic import make_ct_series
 

@@ -13,10 +13,10 @@ from dicomnode.config import parse_config
 from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.inference.runtime import Prediction
 from dicomnode.ingest.spool import Spool
-from dicomnode.pipeline import InferenceWorker
 from dicomnode.queue.base import JobState
 from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.synthetic import make_ct_series
+from dicomnode.worker.inference import InferenceWorker
 
 
 class Clock:

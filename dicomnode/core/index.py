@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.core.db import ThreadLocalSQLite
+from dicomnode.core.layout import JobKey, StorageLayout
+from dicomnode.core.records import ResultSet
 
 SCHEMA_VERSION = 1
-INDEX_FILENAME = "index.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -67,6 +68,14 @@ CREATE TABLE IF NOT EXISTS completions (
     handed_off INTEGER NOT NULL DEFAULT 0,
     UNIQUE (study_uid, revision)
 );
+
+CREATE TABLE IF NOT EXISTS result_sets (
+    job_key TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    result_set TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS result_sets_study ON result_sets(study_uid);
 
 CREATE TABLE IF NOT EXISTS association_releases (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -113,6 +122,16 @@ def _stored(row: tuple[Any, ...]) -> StoredInstance:
 
 
 @dataclass(frozen=True, slots=True)
+class IndexStats:
+    """Counts for monitoring: instances per (transfer syntax, calling AE), most first;
+    studies per state; completions recorded."""
+
+    instances: list[tuple[str, str, int]]
+    studies: dict[str, int]
+    completions: int
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """A study reached completion: handed to the next stage exactly through this."""
 
@@ -139,9 +158,14 @@ class Index:
     @staticmethod
     def path_for(storage: Path | str) -> Path:
         """Where the index of the storage folder ``storage`` lives."""
-        return Path(storage) / INDEX_FILENAME
+        return StorageLayout(storage).index_db
 
     def _conn(self) -> sqlite3.Connection:
+        return self._db.conn()
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, for the other ledgers of :mod:`dicomnode.core` that
+        keep their tables in the index database."""
         return self._db.conn()
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
@@ -206,6 +230,31 @@ class Index:
                 (rec.study_uid, rec.received_at, rec.received_at, rec.calling_ae),
             )
         return True
+
+    def record_results(self, result_set: ResultSet, instances: list[InstanceRecord]) -> None:
+        """Index the objects a job made (origin 'result', so that QIDO-RS/WADO-RS serve
+        them; they never re-open a study nor take part in routing) and record its result
+        set, in one transaction. Idempotent: a job re-run after a crash changes nothing."""
+        with self.transaction() as conn:
+            for rec in instances:
+                conn.execute(
+                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid,"
+                    " study_uid, series_uid, transfer_syntax, calling_ae, called_ae, size,"
+                    " received_at, path, expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
+                     rec.transfer_syntax, rec.calling_ae, rec.called_ae, rec.size,
+                     rec.received_at, rec.path, rec.expected_count, "result"))
+            conn.execute(
+                "INSERT OR REPLACE INTO result_sets (job_key, study_uid, created_at, result_set)"
+                " VALUES (?,?,?,?)",
+                (result_set.job_key, result_set.study_uid, time.time(),
+                 json.dumps(result_set.to_json(), sort_keys=True)))
+
+    def result_set(self, job_key: JobKey | str) -> ResultSet | None:
+        """The objects a job made, if it made any."""
+        row = self._conn().execute(
+            "SELECT result_set FROM result_sets WHERE job_key = ?", (str(job_key),)).fetchone()
+        return None if row is None else ResultSet.from_json(json.loads(row[0]))
 
     def indexed_paths(self) -> set[str]:
         return {r[0] for r in self._conn().execute(
@@ -364,6 +413,17 @@ class Index:
         return None if row is None else float(row[0])
 
     # -- reporting ----------------------------------------------------------
+
+    def stats(self) -> IndexStats:
+        """What the index holds, counted (read at every metrics scrape)."""
+        conn = self._conn()
+        instances = [(str(ts), str(ae), int(n)) for ts, ae, n in conn.execute(
+            "SELECT transfer_syntax, calling_ae, count(*) FROM instances"
+            " GROUP BY transfer_syntax, calling_ae ORDER BY count(*) DESC")]
+        studies = {str(state): int(n) for state, n in conn.execute(
+            "SELECT state, count(*) FROM studies GROUP BY state")}
+        completions = int(conn.execute("SELECT count(*) FROM completions").fetchone()[0])
+        return IndexStats(instances, studies, completions)
 
     def summary(self) -> list[dict[str, Any]]:
         """Every study with its series, counts and state (for ``dicomnode status``)."""

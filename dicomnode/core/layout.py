@@ -80,6 +80,11 @@ def atomic_write(path: Path, content: bytes | Callable[[Path], None], *,
     fsync_dir(path.parent)
 
 
+def folder_name(job_key: str) -> str:
+    """The name of a job's folder under ``results/``: a hash of its key."""
+    return hashlib.sha256(job_key.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True, slots=True)
 class JobKey:
     """The idempotency key of a job: one per (study revision, rule, series, model).
@@ -113,7 +118,7 @@ class JobKey:
     @property
     def folder_name(self) -> str:
         """The name of this job's folder under ``results/``."""
-        return hashlib.sha256(str(self).encode()).hexdigest()[:32]
+        return folder_name(str(self))
 
     def previous(self) -> JobKey | None:
         """The same job on the study's previous revision, if there is one."""
@@ -184,6 +189,6 @@ class StorageLayout:
         return path
 
     def result_dir(self, key: JobKey | str) -> Path:
-        """The folder of one job's prediction and encoded objects."""
-        job = key if isinstance(key, JobKey) else JobKey.parse(key)
-        return self.results / job.folder_name
+        """The folder of one job's prediction and encoded objects (named by a hash of
+        the job's key, whatever its form)."""
+        return self.results / folder_name(str(key))

@@ -151,11 +151,12 @@ class ResultSet:
     and, for a later revision, those of the previous revision that they replace."""
 
     job_key: str
+    study_uid: str
     objects: Mapping[str, tuple[str, ...]]
     replaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"job_key": self.job_key,
+        return {"job_key": self.job_key, "study_uid": self.study_uid,
                 "objects": {k: list(v) for k, v in self.objects.items()},
                 "replaces": {k: list(v) for k, v in self.replaces.items()}}
 
@@ -166,5 +167,6 @@ class ResultSet:
                 raise ValueError(f"result set: {name} must be a mapping of kind to UIDs")
             return {str(k): tuple(str(u) for u in v) for k, v in raw.items()}
         return cls(_field(data, "job_key", str, "result set"),
+                   _field(data, "study_uid", str, "result set"),
                    kinds(data.get("objects", {}), "objects"),
                    kinds(data.get("replaces", {}), "replaces"))

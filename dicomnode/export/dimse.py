@@ -146,7 +146,7 @@ class DimseSender:
         self.tls = tls
         self._tls_context: ssl.SSLContext | None = None
         if tls is not None:
-            from dicomnode.ingest.tls import client_context
+            from dicomnode.core.tls import client_context
 
             self._tls_context = client_context(tls)
 

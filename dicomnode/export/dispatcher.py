@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import Destination
-from dicomnode.export.base import DeliveryOutcome, Result, Sender, make_sender
+from dicomnode.export.base import DeliveryOutcome, Result, Sender
 from dicomnode.export.outbox import DEFAULT_BATCH_SIZE, Delivery, DeliveryState, Outbox
+from dicomnode.export.senders import make_sender
 
 LOG = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class Dispatcher:
 
     ``destinations`` are the configured ones (deliveries for a name not among them
     stay pending, with a warning). ``sender_factory(destination, calling_ae)`` builds
-    each destination's sender (default :func:`~dicomnode.export.base.make_sender`).
+    each destination's sender (default :func:`~dicomnode.export.senders.make_sender`).
     Each thread takes up to ``batch_size`` due deliveries at a time, sends them,
     records the outcomes, and sleeps until the next is due -- at most ``idle_wait``
     seconds, and less when something is enqueued or retried (:meth:`wake`).

@@ -48,13 +48,14 @@ from typing import Any
 from pydicom.filereader import read_file_meta_info
 
 from dicomnode.core.db import ThreadLocalSQLite
+from dicomnode.core.layout import StorageLayout
 from dicomnode.core.layout import fsync_dir as _fsync_dir
+from dicomnode.core.uids import is_uid
 from dicomnode.export.base import DeliveryOutcome, Result
 from dicomnode.queue.base import backoff_delay
 
 LOG = logging.getLogger(__name__)
 
-OUTBOX_DIRNAME = "outbox"
 DB_FILENAME = "outbox.sqlite3"
 OBJECTS_DIRNAME = "objects"
 
@@ -65,7 +66,6 @@ DEFAULT_BATCH_SIZE = 32
 
 Clock = Callable[[], float]
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -217,7 +217,7 @@ class Outbox:
             raise ValueError(f"max_attempts: must be None or a positive int, not {max_attempts!r}")
         if max_age is not None and not max_age > 0:
             raise ValueError(f"max_age: must be None or positive seconds, not {max_age!r}")
-        self.root = Path(storage_dir) / OUTBOX_DIRNAME
+        self.root = StorageLayout(storage_dir).outbox
         self.objects_dir = self.root / OBJECTS_DIRNAME
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / DB_FILENAME
@@ -318,7 +318,7 @@ class Outbox:
         except Exception as exc:
             raise ValueError(f"files: {path} is not a DICOM Part 10 file: {exc}") from None
         for name, uid in (("SOP Instance UID", sop), ("SOP Class UID", sop_class)):
-            if len(uid) > 64 or not _UID_RE.match(uid):
+            if not is_uid(uid, strict=True):
                 raise ValueError(f"files: {path} has an invalid {name} {uid!r}")
         return _FileInfo(path, sop, sop_class, ts, size)
 

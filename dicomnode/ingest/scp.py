@@ -27,6 +27,7 @@ from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import NodeConfig
 from dicomnode.core.index import Index
 from dicomnode.core.status import Status
+from dicomnode.core.tls import server_context
 from dicomnode.ingest.admission import (
     IMPLEMENTATION_CLASS_UID,
     Admission,
@@ -36,7 +37,6 @@ from dicomnode.ingest.admission import (
 )
 from dicomnode.ingest.pynetdicom_ext import NodeAssociationServer
 from dicomnode.ingest.spool import Spool
-from dicomnode.ingest.tls import server_context
 
 LOG = logging.getLogger(__name__)
 

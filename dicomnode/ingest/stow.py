@@ -21,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from dicomnode.core.dicomweb import DICOM_JSON, attr, base_url, error, uid_or_404
 from dicomnode.core.status import Status, http_status_of_store
 from dicomnode.ingest.admission import Admission, AdmissionSession, Arrival
 from dicomnode.ingest.multipart import MultipartError, MultipartParser, Part, boundary_from
-from dicomnode.web.common import DICOM_JSON, attr, base_url, error, uid_or_404
 
 LOG = logging.getLogger(__name__)
 

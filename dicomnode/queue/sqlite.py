@@ -45,7 +45,6 @@ from dicomnode.queue.base import (
 
 logger = logging.getLogger(__name__)
 
-JOBS_FILENAME = "jobs.sqlite3"
 
 _STATES = ", ".join(f"'{s.value}'" for s in JobState)
 
@@ -155,7 +154,9 @@ class SQLiteJobQueue(JobQueue):
     @staticmethod
     def path_for(storage: Path | str) -> Path:
         """Where a queue of its own in the storage folder ``storage`` lives."""
-        return Path(storage) / JOBS_FILENAME
+        from dicomnode.core.layout import StorageLayout
+
+        return StorageLayout(storage).jobs_db
 
     # -- connections ----------------------------------------------------------
 

@@ -3,7 +3,7 @@
 :func:`read_routes` gives the routes under ``/dicom-web`` that search and retrieve
 what the node holds; the node's HTTP application (:mod:`dicomnode.http`) mounts them
 beside the STOW-RS door and behind the bearer-token check. Every route answers an
-:class:`~dicomnode.web.common.HTTPError` with its status and a short reason, and
+:class:`~dicomnode.core.dicomweb.HTTPError` with its status and a short reason, and
 anything unexpected with a 500 that carries no traceback.
 """
 
@@ -18,9 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from dicomnode.core.index import Index
-from dicomnode.core.layout import StorageLayout
-from dicomnode.web.common import (
+from dicomnode.core.dicomweb import (
     DICOM_JSON,
     HTTPError,
     base_url,
@@ -29,6 +27,8 @@ from dicomnode.web.common import (
     multipart,
     uid_or_404,
 )
+from dicomnode.core.index import Index
+from dicomnode.core.layout import StorageLayout
 from dicomnode.web.qido import Qido
 from dicomnode.web.wado import Wado
 

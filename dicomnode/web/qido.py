@@ -12,9 +12,9 @@ from typing import Any
 
 from starlette.requests import Request
 
+from dicomnode.core.dicomweb import HTTPError, attr, int_or_none, pn
 from dicomnode.core.index import Index, StoredInstance
 from dicomnode.core.layout import StorageLayout
-from dicomnode.web.common import HTTPError, attr, int_or_none, pn
 
 
 def _read_meta(path: Path) -> Any:
@@ -94,12 +94,6 @@ class Qido:
         except ValueError:
             raise HTTPError(400, "invalid limit or offset") from None
         return limit, offset
-
-    def _path(self, row: StoredInstance) -> Path:
-        path = (self.spool.root / row.path).resolve()
-        if not path.is_relative_to(self.spool.root.resolve()):
-            raise HTTPError(404, "not found")
-        return path
 
     def _study_json(self, study: str, rows: list[StoredInstance]) -> dict[str, Any]:
         h = self.headers.get(self.path(rows[0]))

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dicomnode.core.dicomweb import HTTPError
 from dicomnode.core.index import Index, StoredInstance
 from dicomnode.core.layout import StorageLayout
-from dicomnode.web.common import HTTPError
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 

@@ -1,4 +1,4 @@
-"""What the DICOMweb endpoints share (PS3.18): DICOM JSON attributes (PS3.18 F.2),
+"""DICOMweb helpers shared by the STOW-RS door and the read side (PS3.18): DICOM JSON
 responses, the one HTTP error type, and the base URL as the client sees it."""
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import ssl
+from typing import TYPE_CHECKING
 
-from dicomnode.config import DestinationTls, TlsConfig
 from dicomnode.errors import ConfigError
+
+if TYPE_CHECKING:  # config sits above core; only its types are needed here
+    from dicomnode.config import DestinationTls, TlsConfig
 
 LOG = logging.getLogger(__name__)
 
