@@ -162,19 +162,24 @@ class Dataset:
     files: list[Path]
     bytes: int = 0
     study_uid: str = ""
+    series_uids: frozenset[str] = frozenset()  # the series sent (the node adds its results')
 
     def __post_init__(self) -> None:
         import pydicom
 
         self.bytes = sum(p.stat().st_size for p in self.files)
-        self.study_uid = str(pydicom.dcmread(self.files[0], stop_before_pixels=True).StudyInstanceUID)
+        headers = [pydicom.dcmread(p, stop_before_pixels=True,
+                                   specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+                   for p in self.files]
+        self.study_uid = str(headers[0].StudyInstanceUID)
+        self.series_uids = frozenset(str(h.SeriesInstanceUID) for h in headers)
 
 
 @dataclass
 class Run:
     dataset: str
     repeat: int
-    instances: int
+    instances: int  # sent, and expected in the node's index as received
     quiet_seconds: float
     warm_up: bool = False  # the node ran one untimed job first
     ok: bool = False
@@ -190,6 +195,8 @@ class Run:
     marks: dict[str, float | None] = field(default_factory=dict)
     # segments (seconds) between consecutive marks, plus the inner split of the job
     segments: dict[str, float] = field(default_factory=dict)
+    received_indexed: int = 0  # instances of the sent series in the node's index
+    results_indexed: dict[str, int] = field(default_factory=dict)  # node's own series: SOP class -> n
     seg_uid: str = ""
     sr_uid: str = ""
     orthanc_reception: dict[str, str] = field(default_factory=dict)
@@ -297,7 +304,7 @@ def measure(data: Dataset, repeat: int, quiet: float, poll: float, scratch: Path
             run.send_s = t0 - t_start
             run.total_s = t1 - t0
             status, outbox = settle(node, before // 2 + 1)
-            analyse(run, node, pacs, data.study_uid, status, outbox, t0, t1)
+            analyse(run, node, pacs, data, status, outbox, t0, t1)
     except ib.ReceiverError as exc:
         run.problems.append(str(exc))
     finally:
@@ -309,14 +316,44 @@ def measure(data: Dataset, repeat: int, quiet: float, poll: float, scratch: Path
     return run
 
 
-def analyse(run: Run, node: PipelineNode, pacs: ib.Orthanc, study_uid: str,
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage (PS3.4 B.5)
+SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.",)  # the SR storage classes (PS3.4 B.5)
+
+
+def count_indexed(study: dict[str, Any], sent_series: frozenset[str]) -> tuple[int, dict[str, int]]:
+    """(received instances of the sent series, {SOP class: n} of the node's own results).
+
+    The node indexes its results (origin 'result') in the same study, so the study's
+    ``instances`` total in ``dicomnode status --json`` counts them too: a 64-slice CT
+    with its SEG and SR is 66 there. The sent series are told apart by their UIDs."""
+    received, results = 0, {}
+    for series in study["series"]:
+        if series["series_uid"] in sent_series:
+            received += int(series["instances"])
+        else:
+            for cls in series["sop_classes"]:
+                results[cls] = results.get(cls, 0) + int(series["instances"])
+    return received, results
+
+
+def analyse(run: Run, node: PipelineNode, pacs: ib.Orthanc, data: Dataset,
             status: dict[str, Any], outbox: dict[str, Any], t0: float, t1: float) -> None:
+    study_uid = data.study_uid
     studies = [s for s in status["studies"] if s["study_uid"] == study_uid]
     jobs = [j for j in status["jobs"] if j["study_uid"] == study_uid]
-    if len(studies) != 1 or studies[0]["instances"] != run.instances:
-        got = [s["instances"] for s in studies]
-        run.problems.append(f"node index holds {got} instances, expected one study of {run.instances}")
+    if len(studies) != 1:
+        run.problems.append(f"node index holds {len(studies)} studies {study_uid}, expected 1")
         return
+    run.received_indexed, run.results_indexed = count_indexed(studies[0], data.series_uids)
+    if run.received_indexed != run.instances:
+        run.problems.append(f"node index holds {run.received_indexed} received instances of the "
+                            f"sent series, expected {run.instances}")
+        return
+    n_seg = run.results_indexed.get(SEG_CLASS, 0)
+    n_sr = sum(n for cls, n in run.results_indexed.items() if cls.startswith(SR_CLASSES))
+    if (n_seg, n_sr) != (1, 1) or sum(run.results_indexed.values()) != 2:
+        run.problems.append(f"node index holds results {run.results_indexed}, expected one SEG "
+                            "and one SR")
     if len(jobs) != 1 or jobs[0]["state"] != "done" or not jobs[0]["result"]:
         run.problems.append(f"expected one done job, got {[(j['id'], j['state']) for j in jobs]}")
         return
@@ -578,8 +615,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 status = "ok" if r.ok else "FAILED: " + r.problems[0].splitlines()[0]
                 print(f"  [{d.name} #{rep}] total {r.total_s:6.2f} s  model {r.model_s:5.2f} s  "
-                      f"load {r.job_s - r.model_s:5.2f} s  overhead {r.overhead_s:5.2f} s  {status}",
-                      flush=True)
+                      f"load {r.job_s - r.model_s:5.2f} s  overhead {r.overhead_s:5.2f} s  "
+                      f"indexed {r.received_indexed} received + "
+                      f"{sum(r.results_indexed.values())} results  {status}", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: reporting what was measured", file=sys.stderr)
     finally:
