@@ -2,7 +2,7 @@
 """End-to-end benchmark: from the last instance acknowledged to SEG and SR stored in
 the PACS, and how much of that is the node's own overhead.
 
-    .venv/bin/python bench/e2e.py [--quick] [--out bench/results/e2e.json]
+    .venv/bin/python bench/e2e.py [--quick] [--smoke] [--out bench/results/e2e.json]
 
 Orthanc plays the PACS. A dicomnode whose config routes chest CT to the
 ``lung_density`` model, with Orthanc as its only destination (objects SEG and SR),
@@ -14,6 +14,9 @@ node's own record of it is the study's ``last_received`` in ``dicomnode status
 the SEG and the SR are stored there: t1. Overhead = (t1 - t0) - quiet window -
 the model's own predict time; the node's log, its job result (``seconds``,
 ``model_seconds``), its index and its outbox break it down.
+
+``--smoke`` (tests/test_bench_smoke.py): one run of a 24-slice synthetic CT with a
+0.5 s quiet window, no real data: the whole path, in seconds, to check the bench works.
 
 This is a benchmark, not a test: it prints a table, writes JSON and marks the
 target PASS or MISS, but never fails on a timing. The exit status is 1 only when a
@@ -536,11 +539,13 @@ def print_failures(runs: Sequence[Run]) -> None:
 # -- the benchmark --------------------------------------------------------------------
 
 
-def datasets(scratch: Path, synthetic_slices: int) -> list[Dataset]:
+def datasets(scratch: Path, synthetic_slices: int, real: bool = True) -> list[Dataset]:
     from dicomnode.synthetic import make_ct_series
 
     out = []
-    if TCIA_DIR.is_dir() and ib.dicom_files(TCIA_DIR):
+    if not real:
+        print("smoke mode: the real chest CT is not sent")
+    elif TCIA_DIR.is_dir() and ib.dicom_files(TCIA_DIR):
         out.append(Dataset("tcia-lung-chest-ct", ib.dicom_files(TCIA_DIR)))
     else:
         print(f"skipping the real chest CT: {TCIA_DIR} is absent")
@@ -572,7 +577,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"one run of a {SMOKE_SLICES}-slice synthetic CT, quiet window "
+                   f"{SMOKE_QUIET_S:g} s, no real data (checks the bench works)")
     return p.parse_args(argv)
+
+
+SMOKE_SLICES = 24  # lung_density needs at least 20
+SMOKE_QUIET_S = 0.5
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -585,8 +597,11 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # so that every process is stopped
-    for tool in ("storescu", "echoscu", "Orthanc"):
+    for tool in ("storescu", "echoscu", "Orthanc"):  # the sender, the probe and the PACS
         ib.need_tool(tool)
+    if args.smoke:
+        args.quick, args.warm_up, args.only = True, False, None
+        args.synthetic_slices, args.quiet_seconds = SMOKE_SLICES, SMOKE_QUIET_S
     repeats = args.repeats or (1 if args.quick else 3)
     scratch = Path(tempfile.mkdtemp(prefix="dicomnode-e2e-", dir=args.tmp))
     info = ib.machine_info(scratch)
@@ -597,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[Run] = []
     try:
-        data = datasets(scratch, args.synthetic_slices)
+        data = datasets(scratch, args.synthetic_slices, real=not args.smoke)
         if args.only:
             data = [d for d in data if any(d.name.startswith(
                 "tcia" if o == "chest" else "synthetic") for o in args.only)]
@@ -638,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": info,
-        "settings": {"repeats": repeats, "quick": args.quick, "warm_up": args.warm_up, "quiet_seconds": args.quiet_seconds,
+        "settings": {"repeats": repeats, "quick": args.quick, "smoke": args.smoke,
+                     "warm_up": args.warm_up, "quiet_seconds": args.quiet_seconds,
                      "poll_s": args.poll, "synthetic_slices": args.synthetic_slices,
                      "overhead_target_s": OVERHEAD_TARGET_S},
         "summary": [asdict(s) for s in summaries],
