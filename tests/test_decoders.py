@@ -30,11 +30,13 @@ PERMISSIVE = ("MIT", "BSD", "Apache", "HPND", "ISC", "PSF", "zlib")
 
 
 def _licence(dist: str) -> str:
+    """What the distribution's own metadata says: License-Expression, the first line of
+    License, and the License classifiers."""
     meta = importlib.metadata.metadata(dist)
-    parts = [meta.get("License-Expression") or "", (meta.get("License") or "").splitlines()[0:1]]
-    text = " ".join([parts[0], *parts[1]])
+    expression = (meta.get_all("License-Expression") or [""])[0]
+    first_line = ((meta.get_all("License") or [""])[0].splitlines() or [""])[0]
     classifiers = [c for c in meta.get_all("Classifier") or [] if c.startswith("License ::")]
-    return " | ".join([text.strip(), *classifiers])
+    return " | ".join([f"{expression} {first_line}".strip(), *classifiers])
 
 
 def test_every_transfer_syntax_has_a_decoder() -> None:

@@ -122,7 +122,8 @@ def test_no_gpl_dependency_declared() -> None:
             meta = importlib.metadata.metadata(name)
         except importlib.metadata.PackageNotFoundError:
             continue  # not installed here; test_package_declares_every_import covers use
-        text = " ".join([meta.get("License-Expression") or "", (meta.get("License") or "")[:200],
+        text = " ".join([*(meta.get_all("License-Expression") or []),
+                         *(x[:200] for x in meta.get_all("License") or []),
                          *(meta.get_all("Classifier") or [])])
         if re.search(r"(?<!L)GPL|GNU General Public", text):
             gpl.append(f"{name}: {text[:120]}")
