@@ -30,8 +30,8 @@ Decoding: native (uncompressed) little- and big-endian pixel data are read with
 a small header walker (PS3.5 7.1, 7.5) that visits only the top-level data set and
 skips sequences; encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000, RLE, ...) go
 through pydicom's ``pixel_array`` with the permissively licensed decoder plugins that
-:mod:`dicomnode.decoders` lists (GDCM, openjpeg, RLE, libjpeg-turbo for 12-bit JPEG). Any file the
-walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
+:mod:`dicomnode.decoders` lists (GDCM, openjpeg, RLE, libjpeg-turbo for 12-bit JPEG).
+Any file the walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
 length that does not add up) is handed to pydicom whole. Headers and native slices
 are read in the calling thread (from the page cache this beats threads contending for
 the GIL); compressed slices are decoded in a thread pool; every slice is written into
