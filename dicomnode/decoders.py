@@ -138,12 +138,15 @@ def available(transfer_syntax: str) -> list[str]:
     return out
 
 
-def check_scan_header(src: bytes) -> None:
+def check_scan_header(src: bytes, rows: int | None = None, columns: int | None = None) -> None:
     """Refuse a JPEG stream that is not sequential DCT with a conforming first scan.
 
     Walks the marker segments (ITU-T T.81 B.1.1) up to the first SOS: the frame must be
     SOF0 or SOF1 (baseline / extended sequential, DICOM PS3.5 A.4.1 Process 1, 2 and
-    4), and the scan header must have Ss = 0, Se = 63, Ah = Al = 0 (T.81 B.2.3)."""
+    4) with a precision of 8 or 12 bits and, where given, the dataset's ``rows`` and
+    ``columns`` (checked before decoding, so that a hostile frame header cannot make
+    the decoder allocate an image the dataset does not describe); the scan header must
+    have Ss = 0, Se = 63, Ah = Al = 0 (T.81 B.2.3)."""
     if src[:2] != b"\xff\xd8":
         raise ValueError("not a JPEG stream: no SOI marker (ITU-T T.81 B.2.1)")
     pos, frame_marker = 2, None
@@ -162,6 +165,16 @@ def check_scan_header(src: bytes) -> None:
         body = src[pos + 4 : pos + 2 + length]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             frame_marker = marker
+            if len(body) < 6:
+                raise ValueError("JPEG frame header (SOF) is truncated")
+            precision = body[0]
+            lines, samples = int.from_bytes(body[1:3], "big"), int.from_bytes(body[3:5], "big")
+            if precision not in (8, 12):
+                raise ValueError(f"JPEG frame precision {precision} bits: sequential DCT has 8 or "
+                                 "12 (ITU-T T.81 B.2.2)")
+            if (rows, columns) != (None, None) and (lines, samples) != (rows, columns):
+                raise ValueError(f"JPEG frame is {lines} x {samples}, the dataset says "
+                                 f"{rows} x {columns}")
         elif marker == 0xDA:  # SOS
             if frame_marker not in (0xC0, 0xC1):
                 found = "none" if frame_marker is None else f"SOF{frame_marker - 0xC0}"
@@ -187,7 +200,7 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
 
     if runner.samples_per_pixel != 1:
         raise NotImplementedError("the imagecodecs JPEG plugin decodes grayscale (1 sample) only")
-    check_scan_header(src)
+    check_scan_header(src, runner.rows, runner.columns)
     arr = imagecodecs.jpeg8_decode(src)
     if arr.shape != (runner.rows, runner.columns):
         raise ValueError(f"decoded JPEG frame has shape {arr.shape}, the dataset says "

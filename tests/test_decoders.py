@@ -147,6 +147,30 @@ def test_progressive_and_broken_streams_refused(tmp_path: Path) -> None:
         decoders.check_scan_header(good[:2])
     with pytest.raises(ValueError, match="impossible length"):
         decoders.check_scan_header(b"\xff\xd8\xff\xc1\x00\x01" + good[6:])
+    decoders.check_scan_header(good, 512, 512)
+    sof = good.index(b"\xff\xc1")
+    huge = good[: sof + 5] + b"\xff\xff\xff\xff" + good[sof + 9 :]  # 65535 x 65535
+    with pytest.raises(ValueError, match="frame is 65535 x 65535, the dataset says 512 x 512"):
+        decoders.check_scan_header(huge, 512, 512)
+    odd = good[: sof + 4] + b"\x10" + good[sof + 5 :]  # 16-bit precision
+    with pytest.raises(ValueError, match="precision 16 bits"):
+        decoders.check_scan_header(odd)
+
+
+def test_hostile_frame_size_refused_before_decoding(tmp_path: Path) -> None:
+    """A 12-bit JPEG Extended instance whose JPEG frame claims 65535 x 65535 pixels
+    is refused with a reason, without allocating that image."""
+    src = _dcmtk(["dcmcjpeg", "+ee"], shared(NEMA, "REF", "MR4_UNC.dcm"), tmp_path / "e.dcm")
+    ds = pydicom.dcmread(src)
+    frame = _first_frame(src)
+    sof = frame.index(b"\xff\xc1")
+    hostile = frame[: sof + 5] + b"\xff\xff\xff\xff" + frame[sof + 9 :]
+    from pydicom.encaps import encapsulate
+
+    ds.PixelData = encapsulate([hostile])
+    ds.save_as(tmp_path / "hostile.dcm")
+    with pytest.raises(InvalidInstanceError, match=r"(?s)could not be decoded.*65535 x 65535"):
+        load_series([tmp_path / "hostile.dcm"])
 
 
 def test_register_is_idempotent() -> None:
