@@ -329,7 +329,7 @@ def count_indexed(study: dict[str, Any], sent_series: frozenset[str]) -> tuple[i
     The node indexes its results (origin 'result') in the same study, so the study's
     ``instances`` total in ``dicomnode status --json`` counts them too: a 64-slice CT
     with its SEG and SR is 66 there. The sent series are told apart by their UIDs."""
-    received, results = 0, {}
+    received, results = 0, dict[str, int]()
     for series in study["series"]:
         if series["series_uid"] in sent_series:
             received += int(series["instances"])
