@@ -2,6 +2,7 @@
 """Audit trail benchmark: records per second through ``AuditTrail.append`` + ``flush``.
 
     .venv/bin/python bench/audit.py [--records 50000] [--tmp DIR] [--out bench/results/audit.json]
+    .venv/bin/python bench/audit.py --smoke --out /tmp/audit.json   # seconds: checks it works
 
 Bodies are ~500-byte JSON audit messages shaped like PS3.15 A.5 "DICOM Instances
 Transferred" events. Each case runs on a fresh trail and key folder; the clock runs
@@ -14,6 +15,8 @@ written and fdatasync'd). Cases:
 * baseline raw: the same JSON bytes appended to a plain file, one fsync at the end
   (no encryption, no chain: the upper bound of the disk path).
 
+``--smoke`` (tests/test_bench_smoke.py): 400 records, 20 with ``sync=True``; every case.
+
 This is a benchmark, not a test: it prints a table and writes JSON, never fails on a
 timing.
 """
@@ -25,17 +28,19 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dicomnode.audit.keys import Keyring
-from dicomnode.audit.trail import AuditTrail
-from dicomnode.audit.verify import read, verify
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicomnode.audit.keys import Keyring  # noqa: E402
+from dicomnode.audit.trail import AuditTrail  # noqa: E402
+from dicomnode.audit.verify import read, verify  # noqa: E402
 
 
 def event(i: int) -> dict:
@@ -105,7 +110,11 @@ def main() -> None:
     parser.add_argument("--sync-records", type=int, default=2_000)
     parser.add_argument("--tmp", type=Path, default=None, help="scratch folder (on the disk to measure)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "audit.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="400 records, 20 synced (checks the bench works)")
     args = parser.parse_args()
+    if args.smoke:
+        args.records, args.sync_records = 400, 20
     cases = [("group commit, 1 thread", lambda d: case_trail(d, args.records, 1)),
              ("group commit, 4 threads", lambda d: case_trail(d, args.records, 4)),
              ("baseline: sync=True each record, 1 thread",
@@ -128,7 +137,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"when": datetime.now(UTC).isoformat(),
                                     "machine": platform.platform(), "cpus": os.cpu_count(),
-                                    "results": results}, indent=1) + "\n")
+                                    "smoke": args.smoke, "results": results}, indent=1) + "\n")
     print(f"written to {args.out}")
 
 

@@ -2,7 +2,7 @@
 """End-to-end benchmark: from the last instance acknowledged to SEG and SR stored in
 the PACS, and how much of that is the node's own overhead.
 
-    .venv/bin/python bench/e2e.py [--quick] [--out bench/results/e2e.json]
+    .venv/bin/python bench/e2e.py [--quick] [--smoke] [--out bench/results/e2e.json]
 
 Orthanc plays the PACS. A dicomnode whose config routes chest CT to the
 ``lung_density`` model, with Orthanc as its only destination (objects SEG and SR),
@@ -14,6 +14,9 @@ node's own record of it is the study's ``last_received`` in ``dicomnode status
 the SEG and the SR are stored there: t1. Overhead = (t1 - t0) - quiet window -
 the model's own predict time; the node's log, its job result (``seconds``,
 ``model_seconds``), its index and its outbox break it down.
+
+``--smoke`` (tests/test_bench_smoke.py): one run of a 24-slice synthetic CT with a
+0.5 s quiet window, no real data: the whole path, in seconds, to check the bench works.
 
 This is a benchmark, not a test: it prints a table, writes JSON and marks the
 target PASS or MISS, but never fails on a timing. The exit status is 1 only when a
@@ -162,19 +165,24 @@ class Dataset:
     files: list[Path]
     bytes: int = 0
     study_uid: str = ""
+    series_uids: frozenset[str] = frozenset()  # the series sent (the node adds its results')
 
     def __post_init__(self) -> None:
         import pydicom
 
         self.bytes = sum(p.stat().st_size for p in self.files)
-        self.study_uid = str(pydicom.dcmread(self.files[0], stop_before_pixels=True).StudyInstanceUID)
+        headers = [pydicom.dcmread(p, stop_before_pixels=True,
+                                   specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+                   for p in self.files]
+        self.study_uid = str(headers[0].StudyInstanceUID)
+        self.series_uids = frozenset(str(h.SeriesInstanceUID) for h in headers)
 
 
 @dataclass
 class Run:
     dataset: str
     repeat: int
-    instances: int
+    instances: int  # sent, and expected in the node's index as received
     quiet_seconds: float
     warm_up: bool = False  # the node ran one untimed job first
     ok: bool = False
@@ -190,6 +198,8 @@ class Run:
     marks: dict[str, float | None] = field(default_factory=dict)
     # segments (seconds) between consecutive marks, plus the inner split of the job
     segments: dict[str, float] = field(default_factory=dict)
+    received_indexed: int = 0  # instances of the sent series in the node's index
+    results_indexed: dict[str, int] = field(default_factory=dict)  # node's own series: SOP class -> n
     seg_uid: str = ""
     sr_uid: str = ""
     orthanc_reception: dict[str, str] = field(default_factory=dict)
@@ -297,7 +307,7 @@ def measure(data: Dataset, repeat: int, quiet: float, poll: float, scratch: Path
             run.send_s = t0 - t_start
             run.total_s = t1 - t0
             status, outbox = settle(node, before // 2 + 1)
-            analyse(run, node, pacs, data.study_uid, status, outbox, t0, t1)
+            analyse(run, node, pacs, data, status, outbox, t0, t1)
     except ib.ReceiverError as exc:
         run.problems.append(str(exc))
     finally:
@@ -309,14 +319,44 @@ def measure(data: Dataset, repeat: int, quiet: float, poll: float, scratch: Path
     return run
 
 
-def analyse(run: Run, node: PipelineNode, pacs: ib.Orthanc, study_uid: str,
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage (PS3.4 B.5)
+SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.",)  # the SR storage classes (PS3.4 B.5)
+
+
+def count_indexed(study: dict[str, Any], sent_series: frozenset[str]) -> tuple[int, dict[str, int]]:
+    """(received instances of the sent series, {SOP class: n} of the node's own results).
+
+    The node indexes its results (origin 'result') in the same study, so the study's
+    ``instances`` total in ``dicomnode status --json`` counts them too: a 64-slice CT
+    with its SEG and SR is 66 there. The sent series are told apart by their UIDs."""
+    received, results = 0, dict[str, int]()
+    for series in study["series"]:
+        if series["series_uid"] in sent_series:
+            received += int(series["instances"])
+        else:
+            for cls in series["sop_classes"]:
+                results[cls] = results.get(cls, 0) + int(series["instances"])
+    return received, results
+
+
+def analyse(run: Run, node: PipelineNode, pacs: ib.Orthanc, data: Dataset,
             status: dict[str, Any], outbox: dict[str, Any], t0: float, t1: float) -> None:
+    study_uid = data.study_uid
     studies = [s for s in status["studies"] if s["study_uid"] == study_uid]
     jobs = [j for j in status["jobs"] if j["study_uid"] == study_uid]
-    if len(studies) != 1 or studies[0]["instances"] != run.instances:
-        got = [s["instances"] for s in studies]
-        run.problems.append(f"node index holds {got} instances, expected one study of {run.instances}")
+    if len(studies) != 1:
+        run.problems.append(f"node index holds {len(studies)} studies {study_uid}, expected 1")
         return
+    run.received_indexed, run.results_indexed = count_indexed(studies[0], data.series_uids)
+    if run.received_indexed != run.instances:
+        run.problems.append(f"node index holds {run.received_indexed} received instances of the "
+                            f"sent series, expected {run.instances}")
+        return
+    n_seg = run.results_indexed.get(SEG_CLASS, 0)
+    n_sr = sum(n for cls, n in run.results_indexed.items() if cls.startswith(SR_CLASSES))
+    if (n_seg, n_sr) != (1, 1) or sum(run.results_indexed.values()) != 2:
+        run.problems.append(f"node index holds results {run.results_indexed}, expected one SEG "
+                            "and one SR")
     if len(jobs) != 1 or jobs[0]["state"] != "done" or not jobs[0]["result"]:
         run.problems.append(f"expected one done job, got {[(j['id'], j['state']) for j in jobs]}")
         return
@@ -499,11 +539,13 @@ def print_failures(runs: Sequence[Run]) -> None:
 # -- the benchmark --------------------------------------------------------------------
 
 
-def datasets(scratch: Path, synthetic_slices: int) -> list[Dataset]:
+def datasets(scratch: Path, synthetic_slices: int, real: bool = True) -> list[Dataset]:
     from dicomnode.synthetic import make_ct_series
 
     out = []
-    if TCIA_DIR.is_dir() and ib.dicom_files(TCIA_DIR):
+    if not real:
+        print("smoke mode: the real chest CT is not sent")
+    elif TCIA_DIR.is_dir() and ib.dicom_files(TCIA_DIR):
         out.append(Dataset("tcia-lung-chest-ct", ib.dicom_files(TCIA_DIR)))
     else:
         print(f"skipping the real chest CT: {TCIA_DIR} is absent")
@@ -535,7 +577,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"JSON results (default {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: system temp)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"one run of a {SMOKE_SLICES}-slice synthetic CT, quiet window "
+                   f"{SMOKE_QUIET_S:g} s, no real data (checks the bench works)")
     return p.parse_args(argv)
+
+
+SMOKE_SLICES = 24  # lung_density needs at least 20
+SMOKE_QUIET_S = 0.5
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -548,8 +597,11 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # so that every process is stopped
-    for tool in ("storescu", "echoscu", "Orthanc"):
+    for tool in ("storescu", "echoscu", "Orthanc"):  # the sender, the probe and the PACS
         ib.need_tool(tool)
+    if args.smoke:
+        args.quick, args.warm_up, args.only = True, False, None
+        args.synthetic_slices, args.quiet_seconds = SMOKE_SLICES, SMOKE_QUIET_S
     repeats = args.repeats or (1 if args.quick else 3)
     scratch = Path(tempfile.mkdtemp(prefix="dicomnode-e2e-", dir=args.tmp))
     info = ib.machine_info(scratch)
@@ -560,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[Run] = []
     try:
-        data = datasets(scratch, args.synthetic_slices)
+        data = datasets(scratch, args.synthetic_slices, real=not args.smoke)
         if args.only:
             data = [d for d in data if any(d.name.startswith(
                 "tcia" if o == "chest" else "synthetic") for o in args.only)]
@@ -578,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 status = "ok" if r.ok else "FAILED: " + r.problems[0].splitlines()[0]
                 print(f"  [{d.name} #{rep}] total {r.total_s:6.2f} s  model {r.model_s:5.2f} s  "
-                      f"load {r.job_s - r.model_s:5.2f} s  overhead {r.overhead_s:5.2f} s  {status}",
-                      flush=True)
+                      f"load {r.job_s - r.model_s:5.2f} s  overhead {r.overhead_s:5.2f} s  "
+                      f"indexed {r.received_indexed} received + "
+                      f"{sum(r.results_indexed.values())} results  {status}", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: reporting what was measured", file=sys.stderr)
     finally:
@@ -600,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "machine": info,
-        "settings": {"repeats": repeats, "quick": args.quick, "warm_up": args.warm_up, "quiet_seconds": args.quiet_seconds,
+        "settings": {"repeats": repeats, "quick": args.quick, "smoke": args.smoke,
+                     "warm_up": args.warm_up, "quiet_seconds": args.quiet_seconds,
                      "poll_s": args.poll, "synthetic_slices": args.synthetic_slices,
                      "overhead_target_s": OVERHEAD_TARGET_S},
         "summary": [asdict(s) for s in summaries],

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/encode.py                 # 2 and 5 segments, 3 timed runs each
     .venv/bin/python bench/encode.py --repeats 5 --validate --out bench/results/encode.json
+    .venv/bin/python bench/encode.py --smoke --out /tmp/encode.json   # seconds: checks it works
 
 A synthetic 300-slice 512x512 CT (``dicomnode.synthetic.make_ct_series``) is written to
 a scratch folder; its lungs (threshold) are the labels: 2 segments (right/left lung) or
@@ -11,6 +12,9 @@ median is printed, with the SEG's frame count and size. Empty frames are kept (s
 ``dicomnode.encode.seg``); the table also shows how many frames are empty and what
 omitting them would save. ``--validate`` also times ``check_object`` (write, read back
 with highdicom, dciodvfy) on each object, as export does.
+
+``--smoke`` (tests/test_bench_smoke.py): 8 slices of 64x64, 1 timed run, with
+``--validate``; dciodvfy is skipped with a message where it is not installed.
 
 A benchmark, not a test: it asserts nothing about time.
 """
@@ -56,8 +60,8 @@ def five_segment_manifest() -> Manifest:
         for i, (name, code, meaning) in enumerate(parts, start=1)))
 
 
-def make_inputs(folder: Path) -> tuple[EncodeInput, EncodeInput]:
-    paths = make_ct_series(folder, n_slices=300, rows=512, cols=512)
+def make_inputs(folder: Path, slices: int = 300, size: int = 512) -> tuple[EncodeInput, EncodeInput]:
+    paths = make_ct_series(folder, n_slices=slices, rows=size, cols=size)
     volume = load_series(paths)
     by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
     source_paths = tuple(by_uid[u] for u in volume.sop_instance_uids)
@@ -115,11 +119,20 @@ def main() -> int:
     parser.add_argument("--validate", action="store_true", help="also time check_object on each object")
     parser.add_argument("--tmp", type=Path, default=None, help="scratch folder")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--slices", type=int, default=300, help="slices of the synthetic CT")
+    parser.add_argument("--smoke", action="store_true",
+                        help="8 slices of 64x64, 1 timed run, --validate (checks the bench works)")
     args = parser.parse_args()
+    size = 512
+    if args.smoke:
+        args.repeats, args.slices, args.validate, size = 1, 8, True, 64
+    if args.validate and not dciodvfy_available():
+        print("skipping dciodvfy in --validate: it is not installed (dicom3tools; "
+              "scripts/install-system-deps installs it)")
 
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="dicomnode-bench-encode-") as tmp:
-        print("writing a 300-slice 512x512 synthetic CT ...", flush=True)
-        inputs = make_inputs(Path(tmp) / "ct")
+        print(f"writing a {args.slices}-slice {size}x{size} synthetic CT ...", flush=True)
+        inputs = make_inputs(Path(tmp) / "ct", args.slices, size)
         rows = []
         for inp in inputs:
             nseg = len(inp.manifest.labels)
@@ -156,7 +169,9 @@ def main() -> int:
             print("   problems:", *r["problems"], sep="\n   ")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"repeats": args.repeats, "results": rows}, indent=2))
+        args.out.write_text(json.dumps({"repeats": args.repeats, "smoke": args.smoke,
+                                        "dciodvfy": dciodvfy_available(), "results": rows},
+                                       indent=2))
         print(f"\nwritten: {args.out}")
     return 1 if any(r.get("problems") for r in rows) else 0
 

@@ -803,9 +803,12 @@ def print_failures(runs: Sequence[Run]) -> None:
 # -- the benchmark --------------------------------------------------------------------
 
 
-def plan(quick: bool, audit_compare: bool = False) -> list[tuple[int, list[ReceiverSpec]]]:
+def plan(quick: bool, audit_compare: bool = False,
+         smoke: bool = False) -> list[tuple[int, list[ReceiverSpec]]]:
     """(associations, receivers) per case."""
     one = [ReceiverSpec("dicomnode", 1), ReceiverSpec("storescp"), ReceiverSpec("orthanc")]
+    if smoke:  # every receiver kind once, the multi-process node and the 4-association split
+        return [(1, one), (4, [ReceiverSpec("dicomnode", 4), ReceiverSpec("storescp", fork=True)])]
     if audit_compare:  # the audit's cost on ingest: same node, trail off
         one.append(ReceiverSpec("dicomnode", 1, audit=False))
     four = [ReceiverSpec("dicomnode", 4), ReceiverSpec("storescp", fork=True),
@@ -829,12 +832,13 @@ def run_case(data: Dataset, associations: int, specs: Sequence[ReceiverSpec], re
                   flush=True)
 
 
-def make_synthetic(folder: Path, n: int) -> Dataset:
+def make_synthetic(folder: Path, n: int, size: int = 512) -> Dataset:
     from dicomnode.synthetic import make_ct_series
 
     t = time.perf_counter()
-    files = make_ct_series(folder, n_slices=n)
-    data = Dataset(f"synthetic-ct-{n}" if n != 300 else "synthetic-ct", files)
+    files = make_ct_series(folder, n_slices=n, rows=size, cols=size)
+    name = "synthetic-ct" if n == 300 else f"synthetic-ct-{n}"
+    data = Dataset(name if size == 512 else f"{name}-{size}px", files)
     print(f"generated {n} synthetic CT instances ({data.bytes / MB:.0f} MB) "
           f"in {time.perf_counter() - t:.0f} s", flush=True)
     return data
@@ -883,7 +887,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also run dicomnode with its audit trail off (1 association)")
     p.add_argument("--only", choices=("dicomnode", "storescp", "orthanc"), action="append",
                    help="run only these receivers (repeatable)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a few seconds, to check the bench still works (tests/test_bench_smoke.py): "
+                   f"{SMOKE_INSTANCES} small synthetic instances, 1 repeat, no real data; "
+                   "every receiver once at 1 association, dicomnode p=4 and storescp --fork at 4")
     return p.parse_args(argv)
+
+
+SMOKE_INSTANCES = 8
+SMOKE_SIZE = 64  # pixels a side
+
+# Receivers other than dicomnode are baselines: a missing one is skipped, not fatal.
+BASELINE_TOOLS = {"storescp": "storescp", "orthanc": "Orthanc"}
+
+
+def missing_baselines() -> set[str]:
+    """Receiver kinds whose program is not installed (each named in a message)."""
+    missing = set()
+    for kind, tool in BASELINE_TOOLS.items():
+        if shutil.which(tool) is None:
+            print(f"skipping the {kind} baseline: {tool} is not installed "
+                  "(scripts/install-system-deps installs it)")
+            missing.add(kind)
+    return missing
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -893,8 +919,11 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # so that every receiver is stopped
-    for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
+    for tool in ("storescu", "echoscu"):  # the sender and the readiness probe
         need_tool(tool)
+    skipped = missing_baselines()
+    if args.smoke:
+        args.quick, args.large, args.synthetic_instances = True, False, SMOKE_INSTANCES
     repeats = args.repeats or (1 if args.quick else 3)
     scratch = Path(tempfile.mkdtemp(prefix="dicomnode-bench-", dir=args.tmp))
     info = machine_info(scratch)
@@ -905,8 +934,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: list[Run] = []
     try:
-        datasets = [make_synthetic(scratch / "synthetic", args.synthetic_instances)]
-        if TCIA_DIR.is_dir() and dicom_files(TCIA_DIR):
+        datasets = [make_synthetic(scratch / "synthetic", args.synthetic_instances,
+                                   SMOKE_SIZE if args.smoke else 512)]
+        if args.smoke:
+            print("smoke mode: the real chest CT is not sent")
+        elif TCIA_DIR.is_dir() and dicom_files(TCIA_DIR):
             datasets.append(Dataset("tcia-lung-chest-ct", dicom_files(TCIA_DIR)))
         else:
             print(f"skipping the real chest CT: {TCIA_DIR} is absent")
@@ -914,8 +946,9 @@ def main(argv: list[str] | None = None) -> int:
         for data in datasets:
             warm_page_cache(data.files)
             print(f"\n{data.name}: {len(data.files)} instances, {data.bytes / MB:.0f} MB", flush=True)
-            for associations, specs in plan(args.quick, args.audit_compare):
-                specs = [s for s in specs if not args.only or s.kind in args.only]
+            for associations, specs in plan(args.quick, args.audit_compare, args.smoke):
+                specs = [s for s in specs if (not args.only or s.kind in args.only)
+                         and s.kind not in skipped]
                 run_case(data, associations, specs, repeats, scratch, runs)
 
         if args.large:
@@ -934,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = evaluate(summaries)
     print()
     print_table(summaries)
+    if args.smoke:
+        print("\nsmoke mode: a few tiny instances; the figures only show that the bench works")
     print_targets(targets)
     print_warnings(runs)
     print_failures(runs)
@@ -942,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({
         "machine": info,
         "settings": {"repeats": repeats, "quick": args.quick, "large": args.large,
+                     "smoke": args.smoke, "skipped_baselines": sorted(skipped),
                      "mb": "1e6 bytes", "rss_interval_s": RSS_INTERVAL_S},
         "summary": [asdict(s) for s in summaries],
         "targets": [asdict(t) for t in targets],

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/lung_model.py [--runs 5] [--threads N] [--devices cpu,cuda]
                                          [--slices 300] [--out bench/results/lung_model.json]
+    .venv/bin/python bench/lung_model.py --smoke --out /tmp/lung.json   # seconds: checks it works
 
 Inputs: the real chest CT in ../shared/data (TCIA Lung-PET-CT-Dx, 64 x 512 x 512, 5 mm;
 skipped when absent) and a synthetic 300-slice 512 x 512 series from
@@ -11,6 +12,8 @@ skipped when absent) and a synthetic 300-slice 512 x 512 series from
 the median seconds per volume is reported (and volumes/s, megavoxels/s). For
 context, the same table shows the median time ``load_series`` takes to read the
 series from disk (the step before the model in the worker).
+
+``--smoke`` (tests/test_bench_smoke.py): a 24-slice synthetic series only (the model needs >= 20), CPU, 1 run.
 
 This is a benchmark, not a test: it prints figures and never fails on a timing.
 """
@@ -56,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default="auto", help="comma list (cpu,cuda) or 'auto'")
     ap.add_argument("--slices", type=int, default=300, help="slices of the synthetic series")
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--smoke", action="store_true",
+                    help="24 synthetic slices, CPU, 1 run, no real data (checks the bench works)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.runs, args.slices, args.devices = 1, 24, "cpu"
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         else [d.strip() for d in args.devices.split(",") if d.strip()]
 
     series: list[tuple[str, list[Path]]] = []
-    if TCIA_DIR.is_dir():
+    if args.smoke:
+        print("smoke mode: the real chest CT is not run")
+    elif TCIA_DIR.is_dir():
         series.append(("real chest CT (TCIA, 64x512x512, 5 mm)", sorted(TCIA_DIR.glob("*.dcm"))))
     else:
         print(f"(real chest CT not available at {TCIA_DIR}; skipped)")
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "python": platform.python_version(), "torch": torch.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "smoke": args.smoke,
             "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "results": results,
         }, indent=2, default=str))
         print(f"\nwritten {args.out}")

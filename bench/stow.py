@@ -1,17 +1,21 @@
 """STOW-RS ingest against C-STORE ingest of the same data, in the same run.
 
-    .venv/bin/python bench/stow.py [--repeats 3] [--instances 300]
+    .venv/bin/python bench/stow.py [--repeats 3] [--instances 300] [--out FILE.json] [--smoke]
 
 One node (fsync on, as shipped) is started per measurement. C-STORE: DCMTK storescu
 (TCP_NODELAY=1), one association. STOW-RS: dicomweb-client, one multipart request
 per batch of instances. Both sides send the synthetic 300-slice 512x512 CT series
 (and the real chest CT when ../shared is present); each run is verified (every
-instance stored). Prints instances/s and the STOW/C-STORE ratio. Never asserts.
+instance stored). Prints instances/s and the STOW/C-STORE ratio (and writes them as
+JSON with ``--out``). Never asserts on a timing. Without DCMTK's storescu the C-STORE
+baseline is skipped with a message. ``--smoke``: 6 small instances, 1 repeat, no
+real data: only shows that the bench works (tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -105,20 +109,29 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--instances", type=int, default=300)
     p.add_argument("--batch", type=int, default=50, help="instances per STOW-RS request")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--smoke", action="store_true",
+                   help="6 small instances, 1 repeat, no real data (checks the bench works)")
     args = p.parse_args()
+    size = 512
+    if args.smoke:
+        args.repeats, args.instances, args.batch, size = 1, 6, 4, 64
+    protocols = ["C-STORE", "STOW-RS"]
     if shutil.which("storescu") is None:
-        print("storescu (dcmtk) is not installed")
-        return 1
+        print("skipping the C-STORE baseline: storescu (DCMTK) is not installed "
+              "(scripts/install-system-deps installs it)")
+        protocols.remove("C-STORE")
     scratch = Path(tempfile.mkdtemp(prefix="dicomnode-stow-bench-"))
+    report: list[dict[str, object]] = []
     try:
-        sets = {"synthetic-ct": make_ct_series(scratch / "synthetic", args.instances)}
-        if CHEST.exists():
+        sets = {"synthetic-ct": make_ct_series(scratch / "synthetic", args.instances, size, size)}
+        if CHEST.exists() and not args.smoke:
             sets["tcia-lung-chest-ct"] = sorted(CHEST.rglob("*.dcm"))
         print(f"{'dataset':22} {'protocol':9} {'inst/s':>8}   runs")
         for name, files in sets.items():
-            rates: dict[str, list[float]] = {"C-STORE": [], "STOW-RS": []}
+            rates: dict[str, list[float]] = {proto: [] for proto in protocols}
             for rep in range(args.repeats):
-                for protocol in ("C-STORE", "STOW-RS"):  # interleaved
+                for protocol in protocols:  # interleaved
                     work = scratch / f"{name}-{protocol}-{rep}"
                     work.mkdir()
                     with Node(work) as node:
@@ -129,13 +142,22 @@ def main() -> int:
                             return 1
                     rates[protocol].append(len(files) / seconds)
                     shutil.rmtree(work, ignore_errors=True)
+            medians = {proto: statistics.median(values) for proto, values in rates.items()}
             for protocol, values in rates.items():
-                print(f"{name:22} {protocol:9} {statistics.median(values):8.1f}   "
+                print(f"{name:22} {protocol:9} {medians[protocol]:8.1f}   "
                       + " ".join(f"{v:.0f}" for v in values))
-            ratio = statistics.median(rates["STOW-RS"]) / statistics.median(rates["C-STORE"])
-            print(f"{name:22} STOW-RS / C-STORE = {ratio:.2f}x")
+            ratio = (medians["STOW-RS"] / medians["C-STORE"]) if "C-STORE" in medians else None
+            if ratio is not None:
+                print(f"{name:22} STOW-RS / C-STORE = {ratio:.2f}x")
+            report.append({"dataset": name, "instances": len(files), "runs_per_s": rates,
+                           "instances_per_s": medians, "stow_over_cstore": ratio})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"repeats": args.repeats, "batch": args.batch,
+                                        "smoke": args.smoke, "results": report}, indent=2) + "\n")
+        print(f"written: {args.out}")
     return 0
 
 

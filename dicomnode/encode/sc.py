@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
+from dicomnode.core import decoders
 from dicomnode.core.manifest import Manifest
 from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.equipment import (
@@ -106,6 +107,7 @@ def modality_values(src: Dataset) -> np.ndarray:
     """The slice's stored values after Rescale Slope/Intercept (HU for CT), float32."""
     slope = float(src.get("RescaleSlope", 1) or 1)
     intercept = float(src.get("RescaleIntercept", 0) or 0)
+    decoders.register()  # the source may be 12-bit JPEG Extended
     return src.pixel_array.astype(np.float32) * slope + intercept
 
 

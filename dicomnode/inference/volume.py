@@ -30,8 +30,9 @@ big-endian pixel data are read with ``np.frombuffer`` straight from the file's b
 at the Pixel Data offset found by the one element walker (:mod:`dicomnode.core.elements`,
 PS3.5 7.1, 7.5) that visits only the top-level data set and skips sequences;
 encapsulated pixel data (JPEG, JPEG-LS, JPEG 2000, RLE, ...) go
-through pydicom's ``pixel_array`` with the pylibjpeg / GDCM plugins. Any file the
-walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
+through pydicom's ``pixel_array`` with the permissively licensed decoder plugins that
+:mod:`dicomnode.core.decoders` lists (GDCM, openjpeg, RLE, libjpeg-turbo for 12-bit
+JPEG). Any file the walker is unsure of (no preamble, deflate, float pixel data, odd bit depths, a
 length that does not add up) is handed to pydicom whole. Headers and native slices
 are read in the calling thread (from the page cache this beats threads contending for
 the GIL); compressed slices are decoded in a thread pool; every slice is written into
@@ -55,6 +56,7 @@ from typing import Literal
 
 import numpy as np
 
+from dicomnode.core import decoders
 from dicomnode.errors import InconsistentSeriesError
 from dicomnode.inference.geometry import Volume
 from dicomnode.inference.slices import Slice, read_slice, rescale_into, stored_values
@@ -225,6 +227,7 @@ def load_series(
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     files = [Path(p) for p in paths]
+    decoders.register()  # the 12-bit JPEG Extended plugin, before any slice is decoded
 
     # Headers in this thread: from the page cache, reading + walking is faster serially
     # than handed to threads that contend for the GIL (measured, bench/volume.py).

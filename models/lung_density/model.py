@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from dicomnode.errors import DicomNodeError
 from dicomnode.inference.geometry import Volume
-from dicomnode.inference.manifest import Manifest
+from dicomnode.core.manifest import Manifest
 from dicomnode.inference.runtime import ModelRuntime, Prediction
 
 LOG = logging.getLogger(__name__)
