@@ -124,7 +124,8 @@ class WithdrawnRegistry:
 
     def withdrawn(self, study_uid: str | None = None) -> set[str]:
         """SOP Instance UIDs withdrawn (of one study, or all)."""
-        sql, params = "SELECT sop_instance_uid FROM withdrawn_results", ()
+        sql = "SELECT sop_instance_uid FROM withdrawn_results"
+        params: tuple[str, ...] = ()
         if study_uid is not None:
             sql, params = sql + " WHERE study_uid = ?", (study_uid,)
         return {r[0] for r in self.index.query(sql, params)}

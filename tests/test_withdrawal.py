@@ -455,3 +455,21 @@ def _deliver_to(site: dict[str, Any], revision: int, replaces: dict[str, tuple[s
         site["outbox"].enqueue(dest, files,
                                key=f"{inp.study_uid}/{revision}/rule/{inp.series_uid}/lung_density")
     return objects
+
+
+def test_withdrawal_audit_event_round_trips_and_writes_xml() -> None:
+    from dicomnode.audit import events
+    from dicomnode.audit.withdrawal import ET_RESULTS_WITHDRAWN, results_withdrawn
+
+    event = results_withdrawn("1.2.3", {KEY_OBJECT_SELECTION_STORAGE: 1,
+                                        "1.2.840.10008.5.1.4.1.1.66.4": 2},
+                              ["pacs", "viewer"], "wrong series", user="alice")
+    assert events.from_dict(events.to_dict(event)) == event
+    assert event.event.action == "U" and event.event.type_codes == (ET_RESULTS_WITHDRAWN,)
+    assert event.participants[0].user_id == "alice" and event.participants[0].is_requestor
+    (study,) = event.objects
+    assert study.life_cycle == 14 and ("Destination", "viewer") in study.details
+    xml = events.to_xml(event)
+    assert "RESULTS_WITHDRAWN" in xml and "wrong series" in xml
+    with pytest.raises(ValueError, match="reason"):
+        results_withdrawn("1.2.3", {}, [], " ")

@@ -22,7 +22,6 @@ from dicomnode.audit.events import (
     EV_INSTANCES_ACCESSED,
     ID_STUDY_INSTANCE_UID,
     LIFE_CYCLE_LOGICAL_DELETION,
-    OBJ_SYSTEM,
     PRIVATE_SCHEME,
     ROLE_APPLICATION,
     ROLE_REPORT,
@@ -75,7 +74,7 @@ def results_withdrawn(
     study = ParticipantObject(
         object_id=study_uid,
         id_type=ID_STUDY_INSTANCE_UID,
-        type_code=OBJ_SYSTEM,
+        type_code=2,  # OBJ_SYSTEM
         role=ROLE_REPORT,
         details=tuple(("Destination", d) for d in destinations),
         description=ObjectDescription(sop_classes=tuple(

@@ -231,7 +231,7 @@ def encode_rejection_note(
         observer_device_context=eq.device_observer(manifest),
         description=description,
     )
-    charset = header.get("SpecificCharacterSet")
+    charset: str | list[str] | None = header.get("SpecificCharacterSet")
     if description is not None and not description.isascii():
         charset = "ISO_IR 192"
     with quiet_person_name_warning():
@@ -248,7 +248,7 @@ def encode_rejection_note(
         )
     note.SeriesDescription = eq.lo(f"{title.meaning} ({eq.model_title(manifest)})")
     note.ManufacturerModelName = eq.lo(who.name)
-    note.SoftwareVersions = eq.software_versions(manifest)
+    note.SoftwareVersions = eq.software_versions(manifest)  # type: ignore[assignment]
     note.DeviceSerialNumber = eq.device_serial_number(manifest)
     for item in note.CurrentRequestedProcedureEvidenceSequence:
         for series in item.ReferencedSeriesSequence:

@@ -336,7 +336,7 @@ class Deidentifier:
     def _uid(self, elem: DataElement, run: _Run) -> None:
         values = elem.value if isinstance(elem.value, list | tuple) or (
             elem.VM > 1) else [elem.value]
-        new = []
+        new: list[str] = []
         for v in values:
             v = str(v).strip()
             if not v:
