@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup system-deps bench clean
+.PHONY: run test setup system-deps bench clean conformance
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: setup system-deps
 
 bench: setup system-deps
 	$(PY) bench/ingest.py $(BENCH_ARGS)
+
+conformance: setup
+	$(PY) -m dicomnode.conformance --write
 
 clean:
 	rm -rf $(VENV) dicomnode-data .pytest_cache

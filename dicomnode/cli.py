@@ -6,6 +6,7 @@
     dicomnode status [--config FILE] [--storage DIR] [--json]
     dicomnode rules test PATH... [--config FILE]
     dicomnode outbox [--retry] [--destination NAME] [--json]
+    dicomnode results withdraw STUDY_UID [--model NAME] --reason TEXT
     dicomnode audit verify|export [--since ...] [--until ...] [--format json|xml]
     dicomnode keys init|rotate
     dicomnode config check FILE
@@ -248,6 +249,67 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_results_withdraw(args: argparse.Namespace) -> int:
+    """Withdraw a study's results by hand: a rejection note (IHE IOCM) to every destination
+    that received them (dicomnode.withdrawal)."""
+    from dicomnode.audit.setup import open_audit
+    from dicomnode.encode.kos import REJECTION_TITLES
+    from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
+    from dicomnode.core.index import Index
+    from dicomnode.withdrawal import RejectionGate, WithdrawalError, withdraw
+
+    config = _load(args, {"storage": args.storage})
+    _setup_logging("WARNING")
+    db = Index.path_for(config.storage)
+    if not db.exists():
+        print(f"error: no index at {db} (has the node run with this storage folder?)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    if not (Path(config.storage) / OUTBOX_DIRNAME).exists():
+        index = Index(db)
+        try:
+            known = index.query("SELECT 1 FROM studies WHERE study_uid = ?", (args.study_uid,))
+        finally:
+            index.close()
+        why = ("its results were never sent to any destination" if known
+               else "unknown study: the node holds nothing of it")
+        print(f"error: study {args.study_uid}: {why}; nothing changed", file=sys.stderr)
+        return EXIT_FAILURE
+    index = Index(db)
+    outbox = Outbox(config.storage)
+    gate = RejectionGate(config.storage)
+    audit = None
+    try:
+        try:
+            audit = open_audit(config, "cli")
+        except Exception as exc:
+            print(f"warning: cannot record this in the audit trail: {exc}", file=sys.stderr)
+        try:
+            report = withdraw(storage=config.storage, outbox=outbox, index=index, gate=gate,
+                              study_uid=args.study_uid, reason=args.reason, model=args.model,
+                              title=REJECTION_TITLES[args.title], user=_user(), audit=audit)
+        except WithdrawalError as exc:
+            print(f"error: {exc}; nothing changed", file=sys.stderr)
+            return EXIT_FAILURE
+    finally:
+        close = getattr(audit, "close", None)
+        if close is not None:
+            close()
+        gate.close()
+        outbox.close()
+        index.close()
+    for d in report.destinations:
+        line = f"{d.destination}: "
+        line += (f"rejection note {d.note_uid} for {len(d.rejected)} result(s), queued"
+                 if d.note_uid else "received none of them, no note")
+        if d.dropped:
+            line += f"; {d.dropped} unsent deliver{'y' if d.dropped == 1 else 'ies'} dropped"
+        print(line)
+    print(f"{len(report.withdrawn)} result(s) of study {report.study_uid} withdrawn; a running"
+          " node sends the notes within its idle wait")
+    return EXIT_OK
+
+
 def _cli_audit(config: NodeConfig, build_name: str, *args: Any, **kwargs: Any) -> None:
     """Record a command's own audit event in the 'cli' chain (best effort)."""
     from dicomnode.audit import events
@@ -407,6 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--all", action="store_true", help="list sent deliveries too")
     o.add_argument("--json", action="store_true")
     o.set_defaults(func=cmd_outbox)
+
+    rs = sub.add_parser("results", help="the node's results")
+    rsub = rs.add_subparsers(dest="results_command", required=True)
+    rw = rsub.add_parser("withdraw", help="withdraw a study's results: a rejection note"
+                         " (IHE IOCM) to every destination that received them")
+    rw.add_argument("study_uid", metavar="STUDY_UID")
+    rw.add_argument("--model", help="only the results of this model")
+    rw.add_argument("--reason", required=True, help="why (written into the rejection note"
+                    " and the audit trail; no patient identifiers)")
+    rw.add_argument("--title", default="quality",
+                    choices=["quality", "patient-safety", "incorrect-worklist",
+                             "retention-expired"],
+                    help="rejection note title (PS3.16 CID 7011); default: quality")
+    rw.add_argument("--config", type=Path)
+    rw.add_argument("--storage", type=Path)
+    rw.set_defaults(func=cmd_results_withdraw)
 
     a = sub.add_parser("audit", help="the encrypted, tamper-evident audit trail")
     asub = a.add_subparsers(dest="audit_command", required=True)

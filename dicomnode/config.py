@@ -315,6 +315,30 @@ class RetentionConfig(_Model):
     min_free_ratio: float = Field(default=0.0, ge=0, lt=1)
 
 
+#: De-identification profiles a destination may name (dicomnode.export.deidentify).
+DEIDENTIFY_PROFILES = ("basic",)
+
+
+class DeidentifyOptions(_Model):
+    """Options of the PS3.15 Annex E profile applied to an off-site destination."""
+
+    retain_longitudinal_modified_dates: bool = Field(
+        default=False,
+        description="Retain Longitudinal Temporal Information with Modified Dates Option"
+        " (E.3.6): dates shifted by a per-patient offset instead of removed",
+    )
+    clean_descriptors: bool = Field(
+        default=False,
+        description="Clean Descriptors Option (E.3.5): keep descriptions that hold no"
+        " identifying value of the instance, instead of removing them",
+    )
+    allow_burned_in: bool = Field(
+        default=False,
+        description="send instances with Burned In Annotation YES (their pixels are not"
+        " cleaned); refused otherwise",
+    )
+
+
 class Destination(_Model):
     """A peer results are sent to: a DICOM node (C-STORE) or a DICOMweb STOW-RS URL.
 
@@ -331,6 +355,20 @@ class Destination(_Model):
     url: str | None = Field(default=None, description="STOW-RS base URL (protocol stowrs)")
     objects: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = ("seg", "sr")
     tls: DestinationTls | None = Field(default=None, description="DICOM TLS (dimse only)")
+    deidentify: bool = Field(
+        default=False,
+        description="off-site: everything sent here is de-identified first (PS3.15 Annex E)",
+    )
+    deidentify_profile: str = Field(default="basic", description="one of DEIDENTIFY_PROFILES")
+    deidentify_options: DeidentifyOptions = DeidentifyOptions()
+
+    @field_validator("deidentify_profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in DEIDENTIFY_PROFILES:
+            raise ValueError(f"unknown de-identification profile {value!r}"
+                             f" (known: {', '.join(DEIDENTIFY_PROFILES)})")
+        return value
 
     @model_validator(mode="after")
     def _complete(self) -> Destination:
@@ -342,6 +380,9 @@ class Destination(_Model):
             raise ValueError("a stowrs destination needs url: http(s)://...")
         if not self.objects:
             raise ValueError("objects must list at least one of seg, sr, gsps, sc")
+        if self.deidentify and "sc" in self.objects and not self.deidentify_options.allow_burned_in:
+            raise ValueError("objects: 'sc' results have burned-in annotation; a de-identified"
+                             " destination takes them only with deidentify_options.allow_burned_in")
         return self
 
 

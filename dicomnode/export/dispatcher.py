@@ -45,11 +45,15 @@ class Dispatcher:
         idle_wait: float = DEFAULT_IDLE_WAIT,
         audit: Audit | None = None,
         on_delivered: Callable[[str, str], None] | None = None,
+        after_batch: Callable[[str], None] | None = None,
     ) -> None:
         self.audit: Audit = audit or NullAudit()
         # called once per (job key, destination) with the first object delivered
         self._on_delivered = on_delivered
         self._delivered: set[tuple[str, str]] = set()
+        # called with the destination after each batch sent to it (e.g. to release the
+        # rejection notes that wait for the results just delivered: dicomnode.withdrawal)
+        self._after_batch = after_batch
         if not isinstance(outbox, Outbox):
             raise TypeError(f"outbox: must be an Outbox, not {type(outbox).__name__}")
         names = [d.name for d in destinations]
@@ -120,6 +124,11 @@ class Dispatcher:
                     except Exception:
                         LOG.exception("delivery callback failed")
         ok = sum(1 for o in outcomes if o.ok)
+        if ok and self._after_batch is not None:
+            try:
+                self._after_batch(destination)
+            except Exception:
+                LOG.exception("after-batch callback failed for %s", destination)
         if ok:
             LOG.info("outbox: %d of %d object(s) delivered to %s", ok, len(batch), destination)
         if outcomes and all(o.result is Result.TRANSIENT for o in outcomes):

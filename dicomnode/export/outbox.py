@@ -647,3 +647,60 @@ class Outbox:
         return int(cur.rowcount)
 
 
+
+    # -- withdrawals (dicomnode.withdrawal) ---------------------------------------------------
+
+    def select(
+        self,
+        *,
+        sop_instance_uids: Iterable[str] | None = None,
+        key_prefix: str | None = None,
+        destination: str | None = None,
+    ) -> builtins.list[Delivery]:
+        """Deliveries of these objects and/or with keys starting ``key_prefix``, by id."""
+        where: builtins.list[str] = ["1"]
+        params: builtins.list[Any] = []
+        if sop_instance_uids is not None:
+            uids = sorted(set(sop_instance_uids))
+            if not uids:
+                return []
+            where.append(f"d.sop_instance_uid IN ({','.join('?' * len(uids))})")
+            params += uids
+        if key_prefix is not None:
+            where.append("substr(d.key, 1, ?) = ?")
+            params += [len(key_prefix), key_prefix]
+        if destination is not None:
+            where.append("d.destination = ?")
+            params.append(destination)
+        return self._select(self._conn(), " AND ".join(where), params, "ORDER BY d.id")
+
+    def drop(self, ids: int | Iterable[int]) -> int:
+        """Delete deliveries that were not sent (pending or failed): they will never be
+        sent, nor offered by ``retry``. Sent ones are left alone. Files no longer owed to
+        any destination are removed. Returns how many were deleted."""
+        wanted = _ids(ids)
+        if not wanted:
+            return 0
+        marks = ",".join("?" * len(wanted))
+        with self._files_lock:
+            with self._transaction() as conn:
+                sops = {r[0] for r in conn.execute(
+                    f"SELECT sop_instance_uid FROM deliveries WHERE state != 'sent'"
+                    f" AND id IN ({marks})", wanted)}
+                cur = conn.execute(
+                    f"DELETE FROM deliveries WHERE state != 'sent' AND id IN ({marks})", wanted)
+                gone = [r[0] for r in conn.execute(
+                    "SELECT filename FROM objects WHERE sop_instance_uid IN"
+                    f" ({','.join('?' * len(sops))}) AND sop_instance_uid NOT IN"
+                    " (SELECT sop_instance_uid FROM deliveries)", sorted(sops))] if sops else []
+                if sops:
+                    conn.execute(
+                        f"DELETE FROM objects WHERE sop_instance_uid IN ({','.join('?' * len(sops))})"
+                        " AND sop_instance_uid NOT IN (SELECT sop_instance_uid FROM deliveries)",
+                        sorted(sops))
+            for filename in gone:
+                (self.objects_dir / filename).unlink(missing_ok=True)
+        if cur.rowcount:
+            LOG.info("outbox: %d unsent deliver%s dropped", cur.rowcount,
+                     "y" if cur.rowcount == 1 else "ies")
+        return int(cur.rowcount)

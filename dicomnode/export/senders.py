@@ -16,6 +16,11 @@ def make_sender(destination: Destination, calling_ae: str, **options: Any) -> Se
     :data:`~dicomnode.export.base.StatusClassifier`, both), ``acse_timeout`` /
     ``dimse_timeout`` / ``network_timeout`` (DIMSE), ``headers`` / ``session`` (STOW-RS).
     """
+    if destination.deidentify:
+        # never send identifiable data to an off-site destination by mistake: only
+        # dicomnode.export.deidentify.deidentifying_sender_factory may build its sender
+        raise ValueError(f"destination {destination.name} is marked deidentify: its sender"
+                         " comes from dicomnode.export.deidentify.deidentifying_sender_factory")
     if destination.protocol == "dimse":
         from dicomnode.export.dimse import DimseStoreSender, Peer
 

@@ -51,6 +51,23 @@ def implementation_version_name() -> str:
     return f"DICOMNODE_{__version__}"[:16]
 
 
+#: Every status the doors answer for an instance (C-STORE response status; STOW-RS
+#: Failure Reason), and when. The conformance statement's table is generated from this.
+ANSWERS: dict[Status, str] = {
+    Status.SUCCESS: "stored durably (file fsync'd, index row committed), or already held",
+    Status.OUT_OF_RESOURCES: "cannot store now: disk full or below the disk guard, write"
+                             " failure, instance larger than the limit",
+    Status.CANNOT_UNDERSTAND: "the data set cannot be parsed, or its UIDs are invalid or"
+                              " disagree with the command",
+    Status.NOT_AUTHORIZED: "the calling AE title may not store this SOP class",
+    Status.DATASET_MISMATCH: "STOW-RS: the instance belongs to another study than the"
+                             " request's URL names",
+    Status.SOP_CLASS_NOT_SUPPORTED: "STOW-RS: a part whose media type is not"
+                                    " application/dicom",
+    Status.PROCESSING_FAILURE: "an unexpected error (logged with its traceback)",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Arrival:
     """An instance at a door, as the door was told about it, before anything is kept.
