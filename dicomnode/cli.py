@@ -253,9 +253,10 @@ def cmd_results_withdraw(args: argparse.Namespace) -> int:
     """Withdraw a study's results by hand: a rejection note (IHE IOCM) to every destination
     that received them (dicomnode.withdrawal)."""
     from dicomnode.audit.setup import open_audit
-    from dicomnode.encode.kos import REJECTION_TITLES
-    from dicomnode.export.outbox import OUTBOX_DIRNAME, Outbox
     from dicomnode.core.index import Index
+    from dicomnode.core.layout import StorageLayout
+    from dicomnode.encode.kos import REJECTION_TITLES
+    from dicomnode.export.outbox import Outbox
     from dicomnode.withdrawal import RejectionGate, WithdrawalError, withdraw
 
     config = _load(args, {"storage": args.storage})
@@ -265,7 +266,7 @@ def cmd_results_withdraw(args: argparse.Namespace) -> int:
         print(f"error: no index at {db} (has the node run with this storage folder?)",
               file=sys.stderr)
         return EXIT_FAILURE
-    if not (Path(config.storage) / OUTBOX_DIRNAME).exists():
+    if not StorageLayout(config.storage).outbox.exists():
         index = Index(db)
         try:
             known = index.query("SELECT 1 FROM studies WHERE study_uid = ?", (args.study_uid,))

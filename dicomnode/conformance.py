@@ -91,11 +91,11 @@ def _sample_objects(folder: Path) -> dict[str, list[Path]]:
     """One of each result kind the encoders make, on a tiny synthetic series."""
     import pydicom
 
+    from dicomnode.core.manifest import Code, Label, Manifest
     from dicomnode.encode.base import EncodeInput
     from dicomnode.encode.kos import ModelIdentity, RejectedInstance, encode_rejection_note
-    from dicomnode.core.manifest import Code, Label, Manifest
-    from dicomnode.inference.volume import load_series
     from dicomnode.encode.objects import encode_objects
+    from dicomnode.inference.volume import load_series
     from dicomnode.synthetic import make_ct_series
 
     label = Label(value=1, name="lung", category=Code(value="91723000", meaning="Anatomical Structure"),
@@ -235,8 +235,8 @@ _WEB = {
 
 def _routes() -> Iterator[tuple[str, str]]:
     from dicomnode.config import NodeConfig
-    from dicomnode.http import build_app
     from dicomnode.core.index import Index
+    from dicomnode.http import build_app
     from dicomnode.ingest.spool import Spool
     from dicomnode.metrics import Metrics
 

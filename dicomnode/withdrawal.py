@@ -52,6 +52,7 @@ from pydicom.sr.coding import Code
 
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.core.db import ThreadLocalSQLite
+from dicomnode.core.index import Index
 from dicomnode.encode.kos import (
     QUALITY,
     ModelIdentity,
@@ -62,7 +63,6 @@ from dicomnode.encode.kos import (
 from dicomnode.encode.validate import ensure_valid
 from dicomnode.errors import DicomNodeError
 from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
-from dicomnode.core.index import Index
 
 LOG = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ from pydicom.dataset import Dataset
 
 from dicomnode.audit.keys import Keyring
 from dicomnode.config import Destination, parse_config
+from dicomnode.core.manifest import load_manifest
 from dicomnode.encode.base import EncodeInput
+from dicomnode.encode.objects import encode_objects
 from dicomnode.encode.validate import check_object
 from dicomnode.errors import ConfigError
-from dicomnode.export.base import make_sender
 from dicomnode.export.deidentify import (
     DESCRIPTORS,
     Deidentifier,
@@ -44,9 +45,8 @@ from dicomnode.export.deidentify import (
 from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import DeliveryState, Outbox
 from dicomnode.export.pseudonyms import PseudonymStore
-from dicomnode.core.manifest import load_manifest
+from dicomnode.export.senders import make_sender
 from dicomnode.inference.volume import load_series
-from dicomnode.encode.objects import encode_objects
 from dicomnode.synthetic import make_ct_series
 
 STRING_VRS = {"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}

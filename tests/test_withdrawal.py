@@ -33,6 +33,8 @@ from conftest import ROOT, ReferenceSCP, dicom_files, free_port, need_tool, run_
 from orthanc import OrthancServer, orthanc_binary
 
 from dicomnode.config import Destination
+from dicomnode.core.index import Index, InstanceRecord
+from dicomnode.core.manifest import Manifest, load_manifest
 from dicomnode.encode.base import EncodeInput
 from dicomnode.encode.kos import (
     KEY_OBJECT_SELECTION_STORAGE,
@@ -43,13 +45,11 @@ from dicomnode.encode.kos import (
     encode_rejection_note,
     read_rejection_note,
 )
+from dicomnode.encode.objects import encode_objects
 from dicomnode.encode.validate import EncodingError, check_object
 from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import DeliveryState, Outbox
-from dicomnode.core.index import Index, InstanceRecord
-from dicomnode.core.manifest import Manifest, load_manifest
 from dicomnode.inference.volume import load_series
-from dicomnode.encode.objects import encode_objects
 from dicomnode.synthetic import make_ct_series
 from dicomnode.withdrawal import (
     NOT_WITHDRAWN,

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from dicomnode.audit.events import (
+from dicomnode.audit.model import (
     EV_INSTANCES_ACCESSED,
     ID_STUDY_INSTANCE_UID,
     LIFE_CYCLE_LOGICAL_DELETION,

@@ -52,11 +52,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 import dicomnode
+from dicomnode.core.manifest import Manifest
 from dicomnode.encode import equipment as eq
 from dicomnode.encode.base import derived_uid
 from dicomnode.encode.seg import quiet_person_name_warning
 from dicomnode.encode.validate import EncodingError
-from dicomnode.core.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 

@@ -67,8 +67,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnode.config import DeidentifyOptions, Destination
-from dicomnode.export.base import DeliveryOutcome, Sender, make_sender
+from dicomnode.export.base import DeliveryOutcome, Sender
 from dicomnode.export.pseudonyms import Keys, Pseudonymizer, PseudonymStore
+from dicomnode.export.senders import make_sender
 
 LOG = logging.getLogger(__name__)
 
