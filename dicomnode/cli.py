@@ -269,7 +269,7 @@ def cmd_results_withdraw(args: argparse.Namespace) -> int:
     if not StorageLayout(config.storage).outbox.exists():
         index = Index(db)
         try:
-            known = index.query("SELECT 1 FROM studies WHERE study_uid = ?", (args.study_uid,))
+            known = index.last_received(args.study_uid) is not None
         finally:
             index.close()
         why = ("its results were never sent to any destination" if known

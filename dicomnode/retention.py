@@ -61,7 +61,8 @@ from pydicom import dcmread
 from dicomnode.core.index import Index
 from dicomnode.core.layout import JobKey, StorageLayout, folder_name
 from dicomnode.core.purges import PurgeLedger
-from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
+from dicomnode.export.deliveries import Delivery, DeliveryState
+from dicomnode.export.outbox import Outbox
 from dicomnode.ingest.diskguard import DiskGuard  # noqa: F401  (re-exported)
 from dicomnode.queue.base import Job, JobQueue, JobState
 

@@ -35,6 +35,7 @@ from dicomnode.core.index import Index
 from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import Outbox
+from dicomnode.export.senders import make_sender
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
 from dicomnode.ingest.reconcile import reconcile
 from dicomnode.ingest.scp import StoreSCP
@@ -43,6 +44,7 @@ from dicomnode.metrics import Metrics
 from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
 from dicomnode.routing.sink import RoutingSink
+from dicomnode.withdrawal import RejectionGate
 from dicomnode.worker.inference import InferenceWorker
 from dicomnode.worker.pool import ModelPool
 
@@ -77,6 +79,7 @@ class Node:
         self.worker: InferenceWorker | None = None
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
+        self.withdrawals: RejectionGate | None = None
         self.index: Index | None = None
         self.spool: Spool | None = None
         self.scheduler: BackgroundScheduler | None = None
@@ -158,8 +161,19 @@ class Node:
                 backoff_max=ec.retry_max_seconds,
                 max_age=ec.give_up_after_hours * 3600 if ec.give_up_after_hours else None,
             )
-            self.dispatcher = Dispatcher(self.outbox, cfg.destinations, cfg.ae_title,
-                                         audit=self.audit, on_delivered=self._delivered)
+            outbox = self.outbox
+            gate = self.withdrawals = RejectionGate(cfg.storage)
+            factory: Any = make_sender
+            if any(d.deidentify for d in cfg.destinations):
+                from dicomnode.audit.setup import open_keyring
+                from dicomnode.export.deidentify import deidentifying_sender_factory
+
+                factory = deidentifying_sender_factory(cfg.storage, open_keyring(cfg))
+            self.dispatcher = Dispatcher(outbox, cfg.destinations, cfg.ae_title,
+                                         audit=self.audit, on_delivered=self._delivered,
+                                         sender_factory=factory,
+                                         after_batch=lambda dest: gate.release(outbox, dest))
+            gate.release(outbox)  # rejection notes whose new results went out before a stop
             self.dispatcher.start()
         if cfg.inference.enabled and cfg.routing:
             from dicomnode.inference.device import choose_device
@@ -170,7 +184,7 @@ class Node:
             self.worker = InferenceWorker(
                 cfg, self.index, self.queue, pool, outbox=self.outbox,
                 on_enqueued=self.dispatcher.wake if self.dispatcher else None, audit=self.audit,
-                metrics=self.metrics,
+                metrics=self.metrics, withdrawals=self.withdrawals,
             )
             self.worker.start()
         self.sink = RoutingSink(cfg, self.index, self.queue,
@@ -320,6 +334,8 @@ class Node:
             self.dispatcher.stop(timeout)
         if self.outbox is not None:
             self.outbox.close()
+        if self.withdrawals is not None:
+            self.withdrawals.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         if self.queue is not None:

@@ -25,7 +25,7 @@ What happens:
    outbox (retries, backoff, one delivery per destination and UID) only once the new
    results ``after`` it are sent to that destination, so an archive never hides the old
    results before it holds the new ones.
-5. The withdrawn instances are recorded in the index (:class:`WithdrawnRegistry`) so
+5. The withdrawn instances are recorded in the index (``Index.mark_withdrawn``) so
    that QIDO-RS / WADO-RS and the status page stop offering them, and the withdrawal
    is audited (:func:`dicomnode.audit.withdrawal.results_withdrawn`).
 
@@ -44,7 +44,6 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -52,7 +51,7 @@ from pydicom.sr.coding import Code
 
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.core.db import ThreadLocalSQLite
-from dicomnode.core.index import Index
+from dicomnode.core.index import Index, StoredInstance
 from dicomnode.encode.kos import (
     QUALITY,
     ModelIdentity,
@@ -62,7 +61,8 @@ from dicomnode.encode.kos import (
 )
 from dicomnode.encode.validate import ensure_valid
 from dicomnode.errors import DicomNodeError
-from dicomnode.export.outbox import Delivery, DeliveryState, Outbox
+from dicomnode.export.deliveries import Delivery, DeliveryState
+from dicomnode.export.outbox import Outbox
 
 LOG = logging.getLogger(__name__)
 
@@ -72,78 +72,6 @@ GATE_DB = "gate.sqlite3"
 
 class WithdrawalError(DicomNodeError):
     """A withdrawal that cannot be done (unknown study, nothing sent, already withdrawn)."""
-
-
-# -- the registry: what is withdrawn (index database) ----------------------------------------
-
-_REGISTRY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS withdrawn_results (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    withdrawn_at REAL NOT NULL,
-    reason TEXT NOT NULL,
-    notes TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS withdrawn_results_study ON withdrawn_results(study_uid)
-"""
-
-#: SQL condition on the index's ``instances`` table (alias-free) that leaves out withdrawn
-#: results: QIDO-RS / WADO-RS add ``AND`` this to their WHERE clause.
-NOT_WITHDRAWN = ("sop_instance_uid NOT IN (SELECT sop_instance_uid FROM withdrawn_results)")
-
-
-class WithdrawnRegistry:
-    """The ``withdrawn_results`` table in the node's index database.
-
-    Creating one creates the table (idempotent): do it once at start-up, before the web
-    side queries with :data:`NOT_WITHDRAWN`.
-    """
-
-    def __init__(self, index: Index) -> None:
-        if not isinstance(index, Index):
-            raise TypeError(f"index: must be an Index, not {type(index).__name__}")
-        self.index = index
-        with index.transaction() as conn:
-            for statement in _REGISTRY_SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-
-    def mark(self, study_uid: str, sop_instance_uids: Collection[str], reason: str,
-             notes: Collection[str], at: float | None = None) -> int:
-        """Record instances as withdrawn (already withdrawn ones are kept as they were)."""
-        now = time.time() if at is None else at
-        with self.index.transaction() as conn:
-            n = 0
-            for uid in sorted(set(sop_instance_uids)):
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO withdrawn_results (sop_instance_uid, study_uid,"
-                    " withdrawn_at, reason, notes) VALUES (?,?,?,?,?)",
-                    (uid, study_uid, now, reason, json.dumps(sorted(notes))))
-                n += cur.rowcount
-        return n
-
-    def withdrawn(self, study_uid: str | None = None) -> set[str]:
-        """SOP Instance UIDs withdrawn (of one study, or all)."""
-        sql = "SELECT sop_instance_uid FROM withdrawn_results"
-        params: tuple[str, ...] = ()
-        if study_uid is not None:
-            sql, params = sql + " WHERE study_uid = ?", (study_uid,)
-        return {r[0] for r in self.index.query(sql, params)}
-
-    def is_withdrawn(self, sop_instance_uid: str) -> bool:
-        return bool(self.index.query(
-            "SELECT 1 FROM withdrawn_results WHERE sop_instance_uid = ?", (sop_instance_uid,)))
-
-
-def offered_instances(index: Index, study_uid: str | None = None) -> list[Any]:
-    """The index rows QIDO-RS should offer: every instance but withdrawn results."""
-    WithdrawnRegistry(index)  # the table exists from here on
-    sql = f"SELECT * FROM instances WHERE {NOT_WITHDRAWN}"
-    params: tuple[str, ...] = ()
-    if study_uid is not None:
-        sql += " AND study_uid = ?"
-        params = (study_uid,)
-    return index.query(sql + " ORDER BY id", params)
 
 
 # -- the gate: notes wait for the new results ------------------------------------------------
@@ -275,12 +203,13 @@ def _received(d: Delivery) -> bool:
     return d.state is DeliveryState.SENT or d.attempts > 0
 
 
-def _describe(rows: list[Any], uid: str, outbox: Outbox) -> tuple[RejectedInstance, Path | None]:
+def _describe(rows: list[StoredInstance], uid: str, outbox: Outbox
+              ) -> tuple[RejectedInstance, Path | None]:
     """Study/series/class of a result from its index row, else from the outbox's file."""
     for row in rows:
-        if row["sop_instance_uid"] == uid:
-            return (RejectedInstance(row["study_uid"], row["series_uid"], row["sop_class_uid"],
-                                     uid), Path(row["path"]))
+        if row.sop_instance_uid == uid:
+            return (RejectedInstance(row.study_uid, row.series_uid, row.sop_class_uid, uid),
+                    Path(row.path))
     for d in outbox.select(sop_instance_uids=[uid]):
         if d.path.is_file():
             ds = pydicom.dcmread(d.path, stop_before_pixels=True)
@@ -291,8 +220,7 @@ def _describe(rows: list[Any], uid: str, outbox: Outbox) -> tuple[RejectedInstan
 
 def _header(storage: Path, paths: list[Path | None], index: Index, study_uid: str) -> Dataset:
     candidates = [p if p is None or p.is_absolute() else storage / p for p in paths]
-    candidates += [storage / r["path"] for r in index.query(
-        "SELECT path FROM instances WHERE study_uid = ? ORDER BY id LIMIT 5", (study_uid,))]
+    candidates += [storage / p for p in index.study_paths(study_uid)[:5]]
     for path in candidates:
         if path is not None and path.is_file():
             try:
@@ -352,10 +280,8 @@ def withdraw(
     if not isinstance(reason, str) or not reason.strip():
         raise WithdrawalError("a reason is required (it is written into the rejection note)")
     storage = Path(storage)
-    registry = WithdrawnRegistry(index)
-    results = index.query("SELECT * FROM instances WHERE study_uid = ? AND origin = 'result'",
-                          (study_uid,))
-    known = results or index.query("SELECT 1 FROM studies WHERE study_uid = ?", (study_uid,))
+    results = index.instances(study_uid=study_uid, origin="result")
+    known = bool(results) or index.last_received(study_uid) is not None
     if replaced is None:
         deliveries = [d for d in outbox.select(key_prefix=f"{study_uid}/")
                       if d.key != note_key(study_uid)]
@@ -365,7 +291,7 @@ def withdraw(
             raise WithdrawalError(f"unknown study {study_uid}: the node holds nothing of it")
     else:
         deliveries = outbox.select(sop_instance_uids=replaced) if replaced else []
-    already = registry.withdrawn(study_uid)
+    already = index.withdrawn(study_uid)
     deliveries = [d for d in deliveries if d.sop_instance_uid not in already]
     received = [d for d in deliveries if _received(d)]
     if replaced is None and not received:
@@ -405,7 +331,7 @@ def withdraw(
     withdrawn = sorted({d.sop_instance_uid for d in deliveries} | set(replaced or ()))
     withdrawn = [u for u in withdrawn if u not in already]
     notes = [o.note_uid for o in outcome if o.note_uid]
-    registry.mark(study_uid, withdrawn, reason.strip(), notes)
+    index.mark_withdrawn(study_uid, withdrawn, reason.strip(), notes)
     gate.release(outbox)
     classes: dict[str, int] = {}
     for refs in plan.values():

@@ -165,3 +165,55 @@ def _write_overlay_png(pacs: OrthancServer, ct_ids: list[str], seg: Any,
         rgb[mask] = 0.6 * rgb[mask] + 0.4 * np.array(colour)
     ARTIFACTS.mkdir(exist_ok=True)
     Image.fromarray(rgb.astype(np.uint8)).save(ARTIFACTS / "e2e_orthanc_seg_overlay.png")
+
+
+def test_late_slice_makes_a_revision_whose_rejection_note_reaches_the_pacs(
+        node_factory: Any, pacs: OrthancServer) -> None:
+    """IHE IOCM through the whole node: the chest CT without its last slice is complete
+    and gets SEG + SR; the late slice re-opens the study, revision 2 gets new SEG + SR, and
+    the PACS then receives a rejection note (KOS, "Rejected for Quality Reasons")
+    referencing exactly the replaced revision-1 objects, after the new ones."""
+    from dicomnode.encode.kos import read_rejection_note
+    from dicomnode.inference.volume import load_series
+
+    chest = dicom_files(shared("tcia-lung-pet-ct-dx"))
+    last = load_series(chest).sop_instance_uids[-1]
+    late = [p for p in chest if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == last]
+    first = [p for p in chest if p not in late]
+    settings = _settings(pacs)
+    settings["destinations"] = settings["destinations"][:1]
+    settings["routing"][0]["destinations"] = ["pacs"]
+    node = node_factory(settings).start(timeout=120)
+    from conftest import storescu
+
+    def results_in_pacs(n: int) -> dict[str, list[str]] | None:
+        studies = pacs.get("/studies")
+        if not studies:
+            return None
+        series = _series_by_modality(pacs, studies[0])
+        got = len(series.get("SEG", [])) + len(series.get("SR", []))
+        return series if got >= n else None
+
+    assert storescu(node.port, first).returncode == 0
+    assert storescu(pacs.dicom_port, first, aec=pacs.ae_title).returncode == 0
+    before = node.wait_for(lambda: results_in_pacs(2), timeout=300, interval=1.0)
+    old = {_dataset(pacs, i).SOPInstanceUID for i in before["SEG"] + before["SR"]}
+
+    assert storescu(node.port, late).returncode == 0  # the late slice: revision 2
+    after = node.wait_for(lambda: (s := results_in_pacs(4)) and "KO" in s and s,
+                          timeout=300, interval=1.0)
+    new = {_dataset(pacs, i).SOPInstanceUID for i in after["SEG"] + after["SR"]} - old
+    assert len(new) == 2 and not new & old
+    (note_id,) = after["KO"]
+    note = read_rejection_note(_dataset(pacs, note_id))
+    assert {r.sop_instance_uid for r in note.rejected} == old
+    assert note.title.value == "113001"
+    # the node stops offering the withdrawn results over QIDO-RS
+    import urllib.request
+
+    study_uid = _dataset(pacs, note_id).StudyInstanceUID
+    offered = json.loads(urllib.request.urlopen(
+        f"http://127.0.0.1:{node.http_port}/dicom-web/studies/{study_uid}/instances",
+        timeout=10).read())
+    offered_uids = {i["00080018"]["Value"][0] for i in offered}
+    assert not offered_uids & old and new <= offered_uids

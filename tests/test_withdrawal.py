@@ -51,15 +51,7 @@ from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import DeliveryState, Outbox
 from dicomnode.inference.volume import load_series
 from dicomnode.synthetic import make_ct_series
-from dicomnode.withdrawal import (
-    NOT_WITHDRAWN,
-    RejectionGate,
-    WithdrawalError,
-    WithdrawnRegistry,
-    note_key,
-    offered_instances,
-    withdraw,
-)
+from dicomnode.withdrawal import RejectionGate, WithdrawalError, note_key, withdraw
 
 MODEL_DIR = ROOT / "models" / "lung_density"
 
@@ -307,11 +299,12 @@ def test_revision_withdraws_what_each_destination_received_after_the_new_results
     assert len(outbox.select(key_prefix=note_key(study), destination="pacs")) == 1
 
     # QIDO's view: the withdrawn results are gone, the new ones and the sources stay
-    offered = {r["sop_instance_uid"] for r in offered_instances(site["index"], study)}
+    offered = {r.sop_instance_uid for r in site["index"].instances(study_uid=study, offered=True)}
     assert not offered & old_uids
     assert new_uids <= offered and len(offered) == len(new_uids) + len(ct)
-    assert WithdrawnRegistry(site["index"]).withdrawn(study) == old_uids
-    rows = site["index"].query(f"SELECT count(*) AS n FROM instances WHERE {NOT_WITHDRAWN}")
+    assert site["index"].withdrawn(study) == old_uids
+    rows = site["index"].query("SELECT count(*) AS n FROM instances WHERE sop_instance_uid"
+                               " NOT IN (SELECT sop_instance_uid FROM withdrawn_results)")
     assert rows[0]["n"] == len(offered)
 
 
@@ -331,7 +324,7 @@ def test_withdraw_by_hand_refuses_bad_input_and_changes_nothing(site: dict[str, 
     with pytest.raises(WithdrawalError, match="never sent"):
         withdraw(study_uid=study, **common)
     assert [(d.id, d.state) for d in outbox.select()] == before
-    assert WithdrawnRegistry(site["index"]).withdrawn() == set()
+    assert site["index"].withdrawn() == set()
     with pytest.raises(WithdrawalError, match="reason is required"):
         withdraw(study_uid=study, **{**common, "reason": " "})
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,15 @@ CREATE TABLE IF NOT EXISTS result_sets (
 );
 CREATE INDEX IF NOT EXISTS result_sets_study ON result_sets(study_uid);
 
+CREATE TABLE IF NOT EXISTS withdrawn_results (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    withdrawn_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    notes TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS withdrawn_results_study ON withdrawn_results(study_uid);
+
 CREATE TABLE IF NOT EXISTS association_releases (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     released_at REAL NOT NULL,
@@ -115,6 +125,10 @@ class StoredInstance(InstanceRecord):
 
 _INSTANCE_COLUMNS = ("sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax,"
                      " calling_ae, size, received_at, path, expected_count, called_ae, origin, id")
+
+
+#: leaves out withdrawn results (a condition on the instances table)
+_NOT_WITHDRAWN = "sop_instance_uid NOT IN (SELECT sop_instance_uid FROM withdrawn_results)"
 
 
 def _stored(row: tuple[Any, ...]) -> StoredInstance:
@@ -256,6 +270,31 @@ class Index:
             "SELECT result_set FROM result_sets WHERE job_key = ?", (str(job_key),)).fetchone()
         return None if row is None else ResultSet.from_json(json.loads(row[0]))
 
+    def mark_withdrawn(self, study_uid: str, sop_instance_uids: Collection[str], reason: str,
+                       notes: Collection[str], at: float | None = None) -> int:
+        """Record results as withdrawn (IHE IOCM): QIDO-RS, WADO-RS and the status page
+        stop offering them. Already withdrawn ones are kept as they were; returns how
+        many were newly withdrawn."""
+        now = time.time() if at is None else at
+        n = 0
+        with self.transaction() as conn:
+            for uid in sorted(set(sop_instance_uids)):
+                n += conn.execute(
+                    "INSERT OR IGNORE INTO withdrawn_results (sop_instance_uid, study_uid,"
+                    " withdrawn_at, reason, notes) VALUES (?,?,?,?,?)",
+                    (uid, study_uid, now, reason, json.dumps(sorted(notes)))).rowcount
+        return n
+
+    def withdrawn(self, study_uid: str | None = None) -> set[str]:
+        """SOP Instance UIDs withdrawn (of one study, or all)."""
+        if study_uid is None:
+            rows = self._conn().execute("SELECT sop_instance_uid FROM withdrawn_results")
+        else:
+            rows = self._conn().execute(
+                "SELECT sop_instance_uid FROM withdrawn_results WHERE study_uid = ?",
+                (study_uid,))
+        return {r[0] for r in rows}
+
     def indexed_paths(self) -> set[str]:
         return {r[0] for r in self._conn().execute(
             "SELECT path FROM instances WHERE origin = 'received'")}
@@ -386,10 +425,11 @@ class Index:
         return out
 
     def instances(self, *, study_uid: str | None = None, series_uid: str | None = None,
-                  sop_uid: str | None = None, origin: str | None = None
-                  ) -> list[StoredInstance]:
-        """The instances matching every criterion given, in arrival order."""
-        cond: list[str] = []
+                  sop_uid: str | None = None, origin: str | None = None,
+                  offered: bool = False) -> list[StoredInstance]:
+        """The instances matching every criterion given, in arrival order; ``offered``:
+        only those the node offers to viewers (withdrawn results left out)."""
+        cond: list[str] = [_NOT_WITHDRAWN] if offered else []
         params: list[Any] = []
         for column, value in (("study_uid", study_uid), ("series_uid", series_uid),
                               ("sop_instance_uid", sop_uid), ("origin", origin)):

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.config import Destination
 from dicomnode.export.base import DeliveryOutcome, Result, Sender
-from dicomnode.export.outbox import DEFAULT_BATCH_SIZE, Delivery, DeliveryState, Outbox
+from dicomnode.export.deliveries import DEFAULT_BATCH_SIZE, Delivery, DeliveryState
+from dicomnode.export.outbox import Outbox
 from dicomnode.export.senders import make_sender
 
 LOG = logging.getLogger(__name__)

@@ -159,7 +159,7 @@ class Qido:
 
     def _rows(self, study: str | None = None, series: str | None = None
               ) -> list[StoredInstance]:
-        return self.index.instances(study_uid=study, series_uid=series)
+        return self.index.instances(study_uid=study, series_uid=series, offered=True)
 
     def qido_studies(self, request: Request) -> list[dict[str, Any]]:
         f = self._filters(request)

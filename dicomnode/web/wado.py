@@ -33,9 +33,10 @@ class Wado:
     def instance_rows(self, study: str, series: str | None = None,
                       sop: str | None = None) -> list[StoredInstance]:
         if sop is not None:
-            rows = self.index.instances(study_uid=study, series_uid=series, sop_uid=sop)
+            rows = self.index.instances(study_uid=study, series_uid=series, sop_uid=sop,
+                                         offered=True)
         else:
-            rows = self.index.instances(study_uid=study, series_uid=series)
+            rows = self.index.instances(study_uid=study, series_uid=series, offered=True)
         if not rows:
             raise HTTPError(404, "not found")
         return rows

@@ -32,6 +32,7 @@ from dicomnode.core.layout import StorageLayout, atomic_write
 from dicomnode.core.records import InferenceResult, JobPayload, ResultSet
 from dicomnode.export.outbox import Outbox
 from dicomnode.queue.base import Job, JobQueue
+from dicomnode.withdrawal import RejectionGate
 from dicomnode.worker.pool import ModelPool
 
 LOG = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ class InferenceWorker:
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue, pool: ModelPool,
                  owner: str | None = None, outbox: Outbox | None = None,
                  on_enqueued: Callable[[], None] | None = None,
-                 audit: Audit | None = None, metrics: Any = None) -> None:
+                 audit: Audit | None = None, metrics: Any = None,
+                 withdrawals: RejectionGate | None = None) -> None:
         self.config = config
+        self.withdrawals = withdrawals
         self.audit: Audit = audit or NullAudit()
         self.metrics = metrics
         self.outbox = outbox
@@ -176,13 +179,44 @@ class InferenceWorker:
         self.index.record_results(result_set, [self._record(p) for paths in objects.values()
                                                for p in paths])
         if self.outbox is not None:
+            queued: dict[str, set[str]] = {}
             for dest in destinations:
                 files = [f for k in dest.objects for f in objects.get(k, [])]
                 self.outbox.enqueue(dest.name, files, key=job.key)
+                queued[dest.name] = {f.stem for f in files}
                 LOG.info("job %s: %d object(s) queued for %s", job.id, len(files), dest.name)
+            if replaces:
+                self._withdraw_replaced(job, result_set, queued, manifest)
             if self._on_enqueued is not None:
                 self._on_enqueued()
         return result_set
+
+    def _withdraw_replaced(self, job: Job, result_set: ResultSet,
+                           queued: dict[str, set[str]], manifest: Any) -> None:
+        """IHE IOCM: each destination that received what this revision replaces gets a
+        rejection note, sent after the new results (see :mod:`dicomnode.withdrawal`).
+        Idempotent, so a re-run of the job changes nothing."""
+        from dicomnode.encode.kos import ModelIdentity
+        from dicomnode.withdrawal import WithdrawalError, withdraw
+
+        assert self.outbox is not None
+        if self.withdrawals is None:
+            return
+        replaced = {uid for uids in result_set.replaces.values() for uid in uids}
+        try:
+            report = withdraw(
+                storage=self.layout.root, outbox=self.outbox, index=self.index,
+                gate=self.withdrawals, study_uid=result_set.study_uid,
+                reason=f"replaced by revision {JobPayload.from_json(job.payload).revision}"
+                       f" of {job.model}",
+                replaced=replaced, after=queued,
+                identity=ModelIdentity(manifest.name, manifest.version), audit=self.audit)
+        except WithdrawalError as exc:
+            LOG.warning("job %s: the replaced results cannot be withdrawn: %s", job.id, exc)
+            return
+        if report.notes:
+            LOG.info("job %s: %d rejection note(s) for the replaced results", job.id,
+                     len(report.notes))
 
     def _record(self, path: Path) -> InstanceRecord:
         """The index entry of a result object the node wrote."""
