@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: a CPU build, so that nothing pulls the CUDA packages
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# the GPL-3.0 decoder an older set-up installed is not used any more (dicomnode/core/decoders.py)
+	$(PY) -m pip uninstall --quiet --yes pylibjpeg-libjpeg 2>/dev/null || true
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,6 +27,7 @@ run: setup
 	$(VENV)/bin/dicomnode serve $(ARGS)
 
 test: setup system-deps
+	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup system-deps

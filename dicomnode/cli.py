@@ -91,7 +91,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from dicomnode.export.dimse import DimseSender, Peer, iter_paths, scan
+    from dicomnode.export.dimse import DicomFile, DimseSender, Peer, iter_paths, scan
 
     _setup_logging("WARNING")
     peer = Peer.parse(args.to)
@@ -107,7 +107,11 @@ def cmd_send(args: argparse.Namespace) -> int:
         print("error: nothing to send", file=sys.stderr)
         return EXIT_FAILURE
     bar = tqdm(total=len(files), unit="inst", disable=args.quiet or None, desc=f"to {peer}")
-    report = DimseSender(peer, args.aet).send(files, progress=lambda f, code: bar.update(1))
+
+    def progress(file: DicomFile, status: int) -> None:
+        bar.update(1)
+
+    report = DimseSender(peer, args.aet).send(files, progress=progress)
     bar.close()
     for path, why in report.failed:
         print(f"failed {path}: {why}", file=sys.stderr)

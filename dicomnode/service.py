@@ -163,6 +163,11 @@ class Node:
             )
             outbox = self.outbox
             gate = self.withdrawals = RejectionGate(cfg.storage)
+
+            def release_notes(destination: str) -> None:
+                """Rejection notes whose new results just went out to ``destination``."""
+                gate.release(outbox, destination)
+
             factory: Any = make_sender
             if any(d.deidentify for d in cfg.destinations):
                 from dicomnode.audit.setup import open_keyring
@@ -172,7 +177,7 @@ class Node:
             self.dispatcher = Dispatcher(outbox, cfg.destinations, cfg.ae_title,
                                          audit=self.audit, on_delivered=self._delivered,
                                          sender_factory=factory,
-                                         after_batch=lambda dest: gate.release(outbox, dest))
+                                         after_batch=release_notes)
             gate.release(outbox)  # rejection notes whose new results went out before a stop
             self.dispatcher.start()
         if cfg.inference.enabled and cfg.routing:
@@ -209,7 +214,7 @@ class Node:
         from dicomnode.http import build_app, start_http
 
         cfg = self.config
-        assert self.spool is not None and self.index is not None
+        assert self.spool is not None and self.index is not None and self.metrics is not None
         databases = [self.layout.index_db]
         if self.queue is not None:
             databases.append(self.layout.jobs_db)

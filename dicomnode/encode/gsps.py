@@ -229,7 +229,7 @@ def encode_gsps(inp: EncodeInput, window: tuple[float, float] | None = None) -> 
     first = headers[present[0]]
     series_uid = inp.uid("gsps", "series")
     base_instance = inp.uid("gsps", "instance")
-    out = []
+    out: list[Dataset] = []
     for n, slices in enumerate(groups.values()):
         refs = [headers[k] for k in slices]
         annotations = []
@@ -271,7 +271,8 @@ def encode_gsps(inp: EncodeInput, window: tuple[float, float] | None = None) -> 
             instance_number=n + 1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=lo(manifest.name),
-            software_versions=software_versions(manifest),
+            # highdicom annotates str | tuple[str] but takes any sequence of str (VM 1-n)
+            software_versions=software_versions(manifest),  # type: ignore[arg-type]
             device_serial_number=device_serial_number(manifest),
             content_label=content_label(manifest),
             content_description=lo(f"{title} contours, not for diagnostic use"),
@@ -342,7 +343,7 @@ def _voi(window: tuple[float, float], explanation: str) -> SoftcopyVOILUTTransfo
     if width < 1:
         raise ValueError(f"window: width must be >= 1, got {width}")
     voi = SoftcopyVOILUTTransformation(window_center=center, window_width=width)
-    voi.WindowCenterWidthExplanation = explanation
+    voi.WindowCenterWidthExplanation = [explanation]
     return voi
 
 

@@ -238,7 +238,8 @@ def _sc_dataset(inp: EncodeInput, src: Dataset, rgb: np.ndarray, k: int, series_
         sop_instance_uid=sop_uid,
         instance_number=int(src.get("InstanceNumber") or (k + 1)),
         manufacturer=MANUFACTURER,
-        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        # highdicom annotates tuple[int, int]; Pixel Spacing is DS (decimal) in PS3.3
+        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,  # type: ignore[arg-type]
         patient_orientation=_patient_orientation(src),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
         contributing_equipment=[contributing_equipment(inp.manifest, inp.device)],

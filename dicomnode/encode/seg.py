@@ -136,7 +136,7 @@ def read_sources(paths: Sequence[Path]) -> list[Dataset]:
     """The source headers, in the given (volume) order, without pixel data."""
     if not paths:
         raise EncodingError(["source_paths: no source instances"], what="SEG input")
-    out = []
+    out: list[Dataset] = []
     for p in paths:
         try:
             out.append(pydicom.dcmread(p, stop_before_pixels=True))

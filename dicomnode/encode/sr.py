@@ -150,7 +150,8 @@ def encode_sr(inp: EncodeInput, seg: Dataset) -> Dataset:
         sr = _document(inp, seg, source, report)
     sr.SeriesDescription = eq.lo(f"{eq.model_title(manifest)} measurements{revision}")
     sr.ManufacturerModelName = eq.lo(manifest.name)
-    sr.SoftwareVersions = eq.software_versions(manifest)
+    # highdicom annotates str | tuple[str]; Software Versions is LO with VM 1-n
+    sr.SoftwareVersions = eq.software_versions(manifest)  # type: ignore[assignment]
     sr.DeviceSerialNumber = eq.device_serial_number(manifest)
     if _uses_private_codes(sr):
         sr.CodingSchemeIdentificationSequence = [private_coding_scheme()]

@@ -499,9 +499,10 @@ class Outbox:
         backoff); sent ones are left alone. Returns how many were changed.
         """
         now = self.clock()
+        params: list[Any] = []
         with self._transaction() as conn:
             if ids is None:
-                where, params = "state = 'failed'", []
+                where = "state = 'failed'"
             else:
                 wanted = _ids(ids)
                 if not wanted:

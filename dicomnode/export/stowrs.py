@@ -240,7 +240,7 @@ class StowRsSender(Sender):
         paths = [e[1] for e in batch]
         uids = [e[3] for e in batch]
         try:
-            body = self._get_client().store_instances([e[2] for e in batch])
+            body: pydicom.Dataset | None = self._get_client().store_instances([e[2] for e in batch])
             status = 200
         except requests.HTTPError as exc:
             response = exc.response

@@ -41,7 +41,8 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        k, i, j = self.array.shape
+        return int(k), int(i), int(j)
 
     @property
     def affine(self) -> np.ndarray:

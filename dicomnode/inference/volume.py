@@ -119,12 +119,12 @@ def _spacing_reasons(
     median = float(np.median(steps))
     tol = SPACING_RTOL * median + SPACING_ATOL_MM
     regular = np.abs(steps - median) <= tol
-    missing = []
-    for k in np.flatnonzero(steps > GAP_FACTOR * median):
-        left_ok = k == 0 or regular[k - 1]
-        right_ok = k == steps.size - 1 or regular[k + 1]
+    missing: list[int] = []
+    for gap in np.flatnonzero(steps > GAP_FACTOR * median):
+        left_ok = gap == 0 or regular[gap - 1]
+        right_ok = gap == steps.size - 1 or regular[gap + 1]
         if left_ok and right_ok and steps.size > 2:
-            missing.append(int(k))
+            missing.append(int(gap))
     for k in missing[:3]:
         reasons.append(
             f"missing slice: gap of {steps[k]:.2f} mm ({steps[k] / median:.1f} x the median "

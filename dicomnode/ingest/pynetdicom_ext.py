@@ -104,7 +104,7 @@ OVERRIDES: tuple[tuple[str, str, str | None], ...] = (
 IDLE_POLL_S = 0.05
 
 
-class _SignallingQueue(queue.Queue):  # type: ignore[type-arg]
+class _SignallingQueue(queue.Queue[Any]):
     """A :class:`queue.Queue` that calls `notify` after every ``put()``."""
 
     def __init__(self, notify: Callable[[], None]) -> None:
@@ -128,7 +128,7 @@ class FastDUL(DULServiceProvider):
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.to_provider_queue = _SignallingQueue(self._wake)  # type: ignore[assignment]
+        self.to_provider_queue = _SignallingQueue(self._wake)
 
     def _wake(self) -> None:
         try:
@@ -264,8 +264,8 @@ class FastAssociation(Association):
         # Replace the DUL (not started yet) and re-apply the timeouts that the
         # base __init__ pushed into the old DUL's timers.
         self.dul = FastDUL(self)
-        self.dul.to_user_queue = _SignallingQueue(self._wake.set)  # type: ignore[assignment]
-        self.dimse.msg_queue = _SignallingQueue(self._wake.set)  # type: ignore[assignment]
+        self.dul.to_user_queue = _SignallingQueue(self._wake.set)
+        self.dimse.msg_queue = _SignallingQueue(self._wake.set)
         self.acse_timeout = self.ae.acse_timeout
         self.network_timeout = self.ae.network_timeout
 
@@ -360,11 +360,12 @@ class FastRequestHandler(RequestHandler):
         assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
         assoc.requestor.address_info = self.remote
 
-        for event in self.server._handlers:
-            if event.is_intervention and self.server._handlers[event]:
-                assoc.bind(event, *self.server._handlers[event])
+        handlers: dict[Any, Any] = self.server._handlers
+        for event in handlers:
+            if event.is_intervention and handlers[event]:
+                assoc.bind(event, *handlers[event])
             elif isinstance(event, evt.NotificationEvent):
-                for handler in self.server._handlers[event]:
+                for handler in handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
         return assoc
 
@@ -436,7 +437,7 @@ class NodeRequestHandler(FastRequestHandler):
         sock = self.request
         if isinstance(sock, ssl.SSLSocket):
             try:
-                sock.settimeout(self.server.ae.acse_timeout)  # type: ignore[attr-defined]
+                sock.settimeout(self.server.ae.acse_timeout)
                 sock.do_handshake()
                 sock.settimeout(None)
             except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSError
@@ -479,7 +480,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         if self.adopted_socket is not None:
-            self.socket.close()
+            if self.socket is not None:
+                self.socket.close()
             self.socket = self.adopted_socket
             self.server_address = self.socket.getsockname()
             return

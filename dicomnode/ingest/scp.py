@@ -21,6 +21,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.audit.recorder import Audit, NullAudit
@@ -136,6 +137,7 @@ class StoreSCP:
 
         server = ae.make_server(address, evt_handlers=handlers, server_class=_Server,
                                 ssl_context=context)
+        assert isinstance(server, NodeAssociationServer)
         # one AE, several servers: ae.active_associations (max_associations and the
         # per-caller limit) counts the associations of all of them
         ae._servers.append(server)
@@ -272,6 +274,7 @@ class StoreSCP:
         when it calls the handler (the DIMSE layer hands over complete messages only);
         the data set is written from that buffer without a copy."""
         req = event.request
+        assert isinstance(req, C_STORE)
         data = req.DataSet.getbuffer() if req.DataSet is not None else memoryview(b"")
         outcome = self._session(event.assoc).admit(Arrival(
             sop_class_uid=str(req.AffectedSOPClassUID or ""),

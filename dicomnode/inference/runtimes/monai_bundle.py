@@ -278,7 +278,7 @@ class MonaiBundleRuntime(ModelRuntime):
                 return transform({k: x for k in keys})[keys[0]]
 
             return apply
-        return transform  # type: ignore[no-any-return]
+        return transform
 
     def _read_meta(self, parser: Any) -> None:
         version = parser.get("_meta_#version")
