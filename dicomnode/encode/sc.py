@@ -270,4 +270,12 @@ def _sc_dataset(inp: EncodeInput, src: Dataset, rgb: np.ndarray, k: int, series_
     purpose = hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
     ref.PurposeOfReferenceCodeSequence = [purpose]
     sc.SourceImageSequence = [ref]
+    # Common Instance Reference Module (PS3.3 C.12.2): the source series this image shows
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = src.SOPClassUID
+    instance.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = src.SeriesInstanceUID
+    series.ReferencedInstanceSequence = [instance]
+    sc.ReferencedSeriesSequence = [series]
     return sc
