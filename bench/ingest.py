@@ -383,6 +383,7 @@ class DicomNode(Receiver):
             "ingest": {"processes": self.processes},
             "audit": {"enabled": self.audit},
             "http": {"port": 0},
+            "routing": [],  # ingest only: no model runs
             "log_level": "INFO",
         }
         self.config_path.write_text(yaml.safe_dump(config))

@@ -50,7 +50,8 @@ class Node:
         self.port, self.http_port = _free_port(), _free_port()
         self.storage = workdir / "storage"
         cfg = {"bind_address": "127.0.0.1", "port": self.port, "storage": str(self.storage),
-               "http": {"port": self.http_port}, "log_level": "WARNING"}
+               "http": {"port": self.http_port}, "routing": [],  # ingest only
+               "log_level": "WARNING"}
         self.config = workdir / "node.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.log = workdir / "node.log"

@@ -10,6 +10,7 @@
     dicomnode audit verify|export [--since ...] [--until ...] [--format json|xml]
     dicomnode keys init|rotate
     dicomnode config check FILE
+    dicomnode config show [--config FILE]
 """
 
 from __future__ import annotations
@@ -424,6 +425,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The effective configuration: the file's values over the embedded defaults."""
+    import yaml
+
+    config = load_config(args.config)
+    source = str(args.config) if args.config else "the embedded defaults (no config file)"
+    print(f"# effective configuration of dicomnode {__version__}, from {source}")
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomnode", description="A DICOM AI node for hospitals.")
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -523,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc = csub.add_parser("check", help="validate a config file without starting")
     cc.add_argument("file", type=Path)
     cc.set_defaults(func=cmd_config_check)
+    cs = csub.add_parser("show", help="print the effective configuration (defaults included)")
+    cs.add_argument("--config", type=Path, help="service config file (YAML); none: the defaults")
+    cs.set_defaults(func=cmd_config_show)
     return p
 
 

@@ -455,6 +455,22 @@ class Rule(_Model):
     destinations: tuple[str, ...] = ()
     priority: Literal["stat", "routine"] = "routine"
     final: bool = Field(default=False, description="when it matches, later rules are not tried")
+    keep: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = Field(
+        default=("seg", "sr"),
+        description="result objects the node encodes, checks and keeps itself (served over"
+        " DICOMweb, on the status page and in /viewer/), with or without destinations",
+    )
+
+
+#: The rule that makes the node do its main job on its embedded defaults: an axial chest
+#: CT of enough slices, no thicker than the lung model handles, goes to lung_density, and
+#: its SEG and SR are kept in the node (no destination: add one, or '@sender').
+DEFAULT_ROUTING: tuple[Rule, ...] = (
+    Rule(name="chest-ct-lung-density", model="lung_density",
+         match=SeriesMatch(modality=("CT",), body_part="chest|lung|thorax",
+                           orientation="axial", slice_thickness=_Range(max=5.0),
+                           instances=_Range(min=20))),
+)
 
 
 class NodeConfig(_Model):
@@ -476,7 +492,11 @@ class NodeConfig(_Model):
     http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()
     models_dir: Path = Field(default=Path("models"), description="folder of model folders")
-    routing: tuple[Rule, ...] = Field(default=(), description="ordered routing rules")
+    routing: tuple[Rule, ...] = Field(
+        default=DEFAULT_ROUTING,
+        description="ordered routing rules; by default an axial chest CT goes to lung_density"
+        " (DEFAULT_ROUTING); [] runs no model",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("bind_address")

@@ -231,7 +231,7 @@ class Node:
         from dicomnode.worker.results import warm_up
 
         cfg = self.config
-        kinds = kinds_for(cfg.destinations)
+        kinds = kinds_for(cfg.destinations, [k for rule in cfg.routing for k in rule.keep])
         for name in sorted({r.model for r in cfg.routing}):
             try:
                 model = pool.get(name)

@@ -88,6 +88,9 @@ class NodeProcess:
             "storage": str(self.storage),
             "completion": {"quiet_seconds": 1.0},
             "http": {"port": self.http_port},
+            # no model unless a test routes one (the embedded default rule would run the lung
+            # model on every chest CT)
+            "routing": [],
             "log_level": "INFO",
         }
         for key, value in (settings or {}).items():

@@ -50,6 +50,7 @@ class JobPayload:
     series_uid: str
     rule: str
     destinations: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()  # result kinds the node keeps itself, destinations or not
 
     def key(self, model: str) -> JobKey:
         return JobKey(self.study_uid, self.revision, self.rule, self.series_uid, model)
@@ -57,7 +58,7 @@ class JobPayload:
     def to_json(self) -> dict[str, Any]:
         return {"study_uid": self.study_uid, "revision": self.revision,
                 "series_uid": self.series_uid, "rule": self.rule,
-                "destinations": list(self.destinations)}
+                "destinations": list(self.destinations), "keep": list(self.keep)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> JobPayload:
@@ -65,9 +66,12 @@ class JobPayload:
         dests = data.get("destinations") or []
         if not isinstance(dests, list | tuple) or not all(isinstance(d, str) for d in dests):
             raise ValueError(f"{what}: destinations must be a list of names")
+        keep = data.get("keep") or []
+        if not isinstance(keep, list | tuple) or not all(isinstance(k, str) for k in keep):
+            raise ValueError(f"{what}: keep must be a list of result kinds")
         return cls(_field(data, "study_uid", str, what), _field(data, "revision", int, what),
                    _field(data, "series_uid", str, what), _field(data, "rule", str, what),
-                   tuple(dests))
+                   tuple(dests), tuple(keep))
 
 
 def _measurements_from_json(raw: Any) -> dict[str, dict[str, tuple[float, str]]]:

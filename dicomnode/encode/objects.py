@@ -35,9 +35,10 @@ def _write_checked(ds: Dataset, path: Path) -> None:
     atomic_write(path, write)
 
 
-def kinds_for(destinations: Sequence[Destination]) -> list[str]:
-    """Every object kind any of ``destinations`` asks for, in a fixed order (SR needs SEG)."""
-    wanted = {k for d in destinations for k in d.objects}
+def kinds_for(destinations: Sequence[Destination], keep: Sequence[str] = ()) -> list[str]:
+    """Every object kind any of ``destinations`` asks for, or the node keeps itself
+    (``keep``), in a fixed order (SR needs SEG)."""
+    wanted = {k for d in destinations for k in d.objects} | set(keep)
     if "sr" in wanted:
         wanted.add("seg")
     return [k for k in KINDS if k in wanted]

@@ -34,6 +34,12 @@ class RoutingSink:
         self.storage = Path(config.storage)
         self._on_job = on_job
 
+    def _keep(self, rule_name: str) -> tuple[str, ...]:
+        for rule in self.config.routing:
+            if rule.name == rule_name:
+                return tuple(rule.keep)
+        return ()
+
     def study_completed(self, completion: Completion) -> None:
         from dicomnode.audit import events
 
@@ -61,7 +67,8 @@ class RoutingSink:
         for d in decisions:
             payload = JobPayload(
                 completion.study_uid, completion.revision, d.series.series_uid, d.rule,
-                tuple(self.config.resolve_destinations(d.destinations, d.series.calling_ae)))
+                tuple(self.config.resolve_destinations(d.destinations, d.series.calling_ae)),
+                self._keep(d.rule))
             job = self.queue.add(
                 str(payload.key(d.model)),
                 d.model,

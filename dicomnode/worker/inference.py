@@ -163,7 +163,7 @@ class InferenceWorker:
         if unknown:
             raise ValueError(f"unknown destination(s) {', '.join(unknown)}")
         destinations = [configured[n] for n in payload.destinations]
-        kinds = kinds_for(destinations)
+        kinds = kinds_for(destinations, payload.keep)
         if not kinds:
             return None
         manifest = self.pool.get(job.model).manifest
