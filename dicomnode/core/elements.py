@@ -166,30 +166,21 @@ def _skip_items(data: Buffer, pos: int, implicit: bool, little: bool, depth: int
 def _skip_item(data: Buffer, pos: int, implicit: bool, little: bool, depth: int) -> int:
     """Skip the elements of an undefined-length item; returns the position after its
     Item Delimitation Item."""
-    implicit_hdr, explicit_hdr, u32 = _STRUCTS[little]
+    unpack_tag = _STRUCTS[little][0].unpack_from
     end = len(data)
     while pos + 8 <= end:
-        group, elem, length = implicit_hdr.unpack_from(data, pos)
+        group, elem, _ = unpack_tag(data, pos)
         if group == 0xFFFE:
             if elem == _ITEM_END:
                 return pos + 8
             raise WalkError("unexpected item tag inside an item")
-        vr = b""
-        if implicit:
-            vpos = pos + 8
-        else:
-            group, elem, vr, length = explicit_hdr.unpack_from(data, pos)
-            if vr in _LONG_VRS:
-                length = u32.unpack_from(data, pos + 8)[0]
-                vpos = pos + 12
-            elif vr.isalpha():
-                vpos = pos + 8
-            else:
-                raise WalkError(f"({group:04X},{elem:04X}) has no valid explicit VR")
+        tag, vpos, length = element_header(data, pos, implicit=implicit, little=little)
         if length == UNDEFINED:
-            pos = _skip_items(data, vpos, implicit or vr == b"UN", little, depth + 1)
+            un = not implicit and bytes(data[pos + 4 : pos + 6]) == b"UN"
+            pos = _skip_items(data, vpos, implicit or un, little, depth + 1)
         else:
             pos = vpos + length
             if pos > end:
-                raise WalkError(f"({group:04X},{elem:04X}) runs past the end of the data")
+                raise WalkError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end"
+                                " of the data")
     raise WalkError("an item runs past the end of the data")
