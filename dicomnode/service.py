@@ -36,7 +36,7 @@ from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import Outbox
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
-from dicomnode.ingest.reconcile import reconcile
+from dicomnode.ingest.reconcile import backfill_attributes, reconcile
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
 from dicomnode.metrics import Metrics
@@ -109,6 +109,7 @@ class Node:
         if self._running_marker.exists():
             LOG.warning("the previous run did not shut down cleanly; checking the index")
             reconcile(self.index, self.spool)
+        backfill_attributes(self.index, self.spool)  # an index from before schema 2
         fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT, 0o640)
         os.fsync(fd)
         os.close(fd)

@@ -19,15 +19,24 @@ import json
 import sqlite3
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomnode.core.attributes import (
+    InstanceAttributes,
+    instance_values,
+    migrate_v2,
+    write_attributes,
+)
 from dicomnode.core.db import ThreadLocalSQLite
 from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.core.records import ResultSet
+from dicomnode.core.search import Search, search
 
-SCHEMA_VERSION = 1
+#: 1: instances, studies, completions, result sets; 2: the QIDO-RS attributes
+#: (dicomnode.core.attributes), migrated in place from 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -104,6 +113,10 @@ class InstanceRecord:
     # 'result': an object the node made (SEG, SR, ...), indexed so that QIDO/WADO serve
     # it; results never re-open a study, count towards completion or get routed
     origin: str = "received"
+    # what QIDO-RS answers about it, recorded with the row (never read back into a
+    # StoredInstance: searches read them in SQL, dicomnode.core.search); None: read
+    # later from the file (dicomnode.ingest.reconcile.backfill_attributes)
+    attributes: InstanceAttributes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +131,21 @@ _INSTANCE_COLUMNS = ("sop_instance_uid, sop_class_uid, study_uid, series_uid, tr
 
 
 def _stored(row: tuple[Any, ...]) -> StoredInstance:
-    return StoredInstance(*row)
+    return StoredInstance(*row[:12], id=row[12])
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
+    " transfer_syntax, calling_ae, called_ae, size, received_at, path, expected_count, origin,"
+    " instance_number, n_rows, n_columns, n_frames, attributes)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _insert_values(rec: InstanceRecord, origin: str) -> tuple[Any, ...]:
+    return (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
+            rec.transfer_syntax, rec.calling_ae, rec.called_ae, rec.size, rec.received_at,
+            rec.path, rec.expected_count, origin, *instance_values(rec.attributes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +180,18 @@ class Index:
         self.path = Path(path)
         self._db = ThreadLocalSQLite(self.path, synchronous=synchronous,  # type: ignore[arg-type]
                                      timeout=timeout)
-        self._db.executescript(_SCHEMA + f";PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older database to :data:`SCHEMA_VERSION` (PRAGMA user_version), in
+        one transaction; several processes may race here, the first one migrates."""
+        with self.transaction() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version < 2:
+                migrate_v2(conn)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def path_for(storage: Path | str) -> Path:
@@ -201,27 +239,12 @@ class Index:
         Returns False when the SOP Instance UID was already indexed (nothing changes).
         """
         with self.transaction() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid,"
-                " series_uid, transfer_syntax, calling_ae, called_ae, size, received_at, path,"
-                " expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
-                    rec.study_uid,
-                    rec.series_uid,
-                    rec.transfer_syntax,
-                    rec.calling_ae,
-                    rec.called_ae,
-                    rec.size,
-                    rec.received_at,
-                    rec.path,
-                    rec.expected_count,
-                    rec.origin,
-                ),
-            )
-            if cur.rowcount == 0 or rec.origin != "received":
-                return cur.rowcount > 0
+            cur = conn.execute(_INSERT, _insert_values(rec, rec.origin))
+            if cur.rowcount == 0:
+                return False
+            write_attributes(conn, rec.study_uid, rec.series_uid, rec.attributes)
+            if rec.origin != "received":
+                return True
             conn.execute(
                 "INSERT INTO studies (study_uid, state, first_received, last_received, calling_ae)"
                 " VALUES (?, 'receiving', ?, ?, ?)"
@@ -237,13 +260,8 @@ class Index:
         set, in one transaction. Idempotent: a job re-run after a crash changes nothing."""
         with self.transaction() as conn:
             for rec in instances:
-                conn.execute(
-                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid,"
-                    " study_uid, series_uid, transfer_syntax, calling_ae, called_ae, size,"
-                    " received_at, path, expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
-                     rec.transfer_syntax, rec.calling_ae, rec.called_ae, rec.size,
-                     rec.received_at, rec.path, rec.expected_count, "result"))
+                if conn.execute(_INSERT, _insert_values(rec, "result")).rowcount:
+                    write_attributes(conn, rec.study_uid, rec.series_uid, rec.attributes)
             conn.execute(
                 "INSERT OR REPLACE INTO result_sets (job_key, study_uid, created_at, result_set)"
                 " VALUES (?,?,?,?)",
@@ -411,6 +429,35 @@ class Index:
         row = self._conn().execute(
             "SELECT last_received FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
         return None if row is None else float(row[0])
+
+    # -- QIDO-RS ------------------------------------------------------------
+
+    def search(self, query: Search, max_results: int) -> tuple[list[dict[str, Any]], bool]:
+        """A QIDO-RS search in SQL (:func:`dicomnode.core.search.search`)."""
+        return search(self._conn(), query, max_results)
+
+    def instances_without_attributes(self, limit: int = 500) -> list[StoredInstance]:
+        """Instances whose QIDO-RS attributes were never read (indexed before schema 2,
+        or without them), oldest first."""
+        rows = self._conn().execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE attributes = 0 ORDER BY id"
+            " LIMIT ?", (int(limit),))
+        return [_stored(r) for r in rows]
+
+    def set_attributes(self, items: list[tuple[StoredInstance, InstanceAttributes | None]]
+                       ) -> None:
+        """Record attributes read later (the backfill); None: the file could not be read
+        (not tried again)."""
+        with self.transaction() as conn:
+            for row, attrs in items:
+                if attrs is None:
+                    conn.execute("UPDATE instances SET attributes = 2 WHERE id = ?", (row.id,))
+                    continue
+                conn.execute(
+                    "UPDATE instances SET instance_number = ?, n_rows = ?, n_columns = ?,"
+                    " n_frames = ?, attributes = ? WHERE id = ?",
+                    (*instance_values(attrs), row.id))
+                write_attributes(conn, row.study_uid, row.series_uid, attrs)
 
     # -- reporting ----------------------------------------------------------
 
