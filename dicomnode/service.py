@@ -201,9 +201,10 @@ class Node:
         if self.queue is not None:
             databases.append(self.layout.jobs_db)
         app = build_app(cfg, self.spool, self.index, self.metrics, databases,
-                        scheduler=lambda: self.scheduler, audit=self.audit)
+                        scheduler=lambda: self.scheduler, audit=self.audit,
+                        queue=self.queue, outbox=self.outbox or self._retention_outbox)
         self.http = start_http(cfg, app)
-        LOG.info("HTTP (DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
+        LOG.info("HTTP (status page, DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
                  "https" if cfg.http.certfile else "http", cfg.http.bind_address,
                  self.http.port)
 

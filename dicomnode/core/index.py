@@ -159,6 +159,28 @@ class IndexStats:
 
 
 @dataclass(frozen=True, slots=True)
+class StudyOverview:
+    """One study as the status page shows it (patient identifiers included: only for
+    callers DICOMweb would answer)."""
+
+    study_uid: str
+    state: str
+    revision: int
+    first_received: float
+    last_received: float
+    completed_at: float | None
+    calling_ae: str
+    instances: int
+    results: int
+    series: int
+    patient_name: str
+    patient_id: str
+    study_date: str
+    study_description: str
+    modalities: str
+
+
+@dataclass(frozen=True, slots=True)
 class Completion:
     """A study reached completion: handed to the next stage exactly through this."""
 
@@ -471,6 +493,27 @@ class Index:
             "SELECT state, count(*) FROM studies GROUP BY state")}
         completions = int(conn.execute("SELECT count(*) FROM completions").fetchone()[0])
         return IndexStats(instances, studies, completions)
+
+    def recent_studies(self, limit: int = 50) -> list[StudyOverview]:
+        """The studies most recently received, newest first, with what the status page
+        shows of each."""
+        rows = self._conn().execute(
+            "SELECT s.study_uid, s.state, s.revision, s.first_received, s.last_received,"
+            " s.completed_at, s.calling_ae,"
+            " (SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid"
+            "  AND i.origin = 'received'),"
+            " (SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid"
+            "  AND i.origin = 'result'),"
+            " (SELECT count(DISTINCT series_uid) FROM instances i"
+            "  WHERE i.study_uid = s.study_uid),"
+            " coalesce(a.patient_name, ''), coalesce(a.patient_id, ''),"
+            " coalesce(a.study_date, ''), coalesce(a.study_description, ''),"
+            " (SELECT group_concat(modality, '/') FROM (SELECT DISTINCT modality"
+            "  FROM series_attributes x WHERE x.study_uid = s.study_uid AND modality <> ''"
+            "  ORDER BY modality))"
+            " FROM studies s LEFT JOIN study_attributes a ON a.study_uid = s.study_uid"
+            " ORDER BY s.last_received DESC LIMIT ?", (int(limit),))
+        return [StudyOverview(*r[:14], r[14] or "") for r in rows]
 
     def summary(self) -> list[dict[str, Any]]:
         """Every study with its series, counts and state (for ``dicomnode status``)."""
