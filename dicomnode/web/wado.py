@@ -213,6 +213,9 @@ def _native_frames(path: Path, ds: Any, numbers: list[int]) -> list[bytes]:
         size = per * bits // 8
         return [bytes(data[(k - 1) * size : k * size]) for k in numbers]
     size = per * bits // 8
+    length = int(getattr(raw, "length", 0) or 0)
+    if length < size * max(numbers) or path.stat().st_size < offset + size * max(numbers):
+        raise HTTPError(400, "the pixel data is shorter than the frames its header describes")
     out = []
     with path.open("rb") as f:
         for k in numbers:
