@@ -45,7 +45,6 @@ VIEWER = "/viewer/viewer?StudyInstanceUIDs="
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_ROWS = 50  # studies and jobs shown
 MAX_RESULTS = 12  # results (overlay + measurements) shown
-_STATE_ORDER = ("pending", "leased", "done", "failed")
 
 
 @dataclass
@@ -181,16 +180,9 @@ class StatusPage:
         if self.outbox is not None:
             page.deliveries = {dest: {s.value: n for s, n in counts.items()}
                                for dest, counts in sorted(self.outbox.summary().items())}
-            page.failures = [
-                {"destination": d.destination, "sop_class": d.sop_class_uid,
-                 "state": d.state.value, "attempts": d.attempts, "updated": d.updated_at,
-                 "error": d.last_error or d.last_result or "", "key": d.key}
-                for d in self.outbox.list(["failed"], limit=20)]
-            page.failures += [
-                {"destination": d.destination, "sop_class": d.sop_class_uid,
-                 "state": d.state.value, "attempts": d.attempts, "updated": d.updated_at,
-                 "error": d.last_error or "", "key": d.key}
-                for d in self.outbox.list(["pending"], limit=20) if d.last_error]
+            page.failures = _failures([*self.outbox.list(["failed"]),
+                                       *(d for d in self.outbox.list(["pending"])
+                                         if d.last_error)])
         return page
 
     @staticmethod
@@ -224,6 +216,7 @@ class StatusPage:
         quantities: list[str] = []
         for q in result.measurements.values():
             quantities += [k for k in q if k not in quantities]
+        quantities.sort(key=lambda k: k != "volume")  # the size first, then as stored
         rows = []
         for name, q in result.measurements.items():
             color = colors.get(by_name[name]) if name in by_name else None
@@ -234,7 +227,27 @@ class StatusPage:
         return ResultView(job.id, result.model, result.model_version,
                           result.payload.study_uid, job.updated_at, result.seconds,
                           result.model_seconds, objects,
-                          [f"{k} ({units[k]})" if units[k] else k for k in quantities], rows)
+                          [f"{k} ({_UNITS.get(units[k], units[k])})" if units[k] else k
+                           for k in quantities], rows)
+
+
+def _failures(deliveries: list[Any]) -> list[dict[str, Any]]:
+    """Failed or retried deliveries grouped by destination, state and reason, the most
+    recent first (at most 20 groups)."""
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for d in deliveries:
+        reason = d.last_error or d.last_result or ""
+        g = groups.setdefault((d.destination, d.state.value, reason), {
+            "destination": d.destination, "state": d.state.value, "error": reason,
+            "objects": 0, "attempts": 0, "updated": 0.0})
+        g["objects"] += 1
+        g["attempts"] = max(g["attempts"], d.attempts)
+        g["updated"] = max(g["updated"], d.updated_at)
+    return sorted(groups.values(), key=lambda g: -g["updated"])[:20]
+
+
+#: UCUM units (PS3.16 CID 7181) as a reader expects them
+_UNITS = {"[hnsf'U]": "HU", "ml": "ml", "%": "%", "mm": "mm", "cm3": "cm³", "mm3": "mm³"}
 
 
 def _quantity(value: Any) -> str:
