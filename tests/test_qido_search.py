@@ -370,3 +370,37 @@ def test_attributes_leave_with_the_last_instance(tmp_path: Path) -> None:
         assert web.index.query("SELECT count(*) FROM series_attributes")[0][0] == 0
     finally:
         web.stop()
+
+
+def test_withdrawn_results_are_not_offered(tmp_path: Path) -> None:
+    """Results withdrawn by an IOCM rejection note (dicomnode.withdrawal) leave QIDO-RS and
+    WADO-RS: the instance, an emptied series, and the study's counts and modalities."""
+    import time
+
+    from dicomnode.core.attributes import InstanceAttributes
+    from dicomnode.core.index import InstanceRecord
+    from dicomnode.core.records import ResultSet
+    from dicomnode.withdrawal import WithdrawnRegistry
+
+    web = Web(tmp_path / "storage")
+    try:
+        files = make_series(tmp_path / "ct", n=2, size=16)
+        _client(web).store_instances([pydicom.dcmread(f) for f in files])
+        study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        seg = InstanceRecord("1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.66.4", study, "1.2.3.4.6",
+                             "1.2.840.10008.1.2.1", "DICOMNODE", 10, time.time(),
+                             str(web.index.instances()[0].path), origin="result",
+                             attributes=InstanceAttributes(modality="SEG"))
+        web.index.record_results(ResultSet("k", study, {"seg": ("1.2.3.4.5",)}), [seg])
+        assert web.get("/studies").json()[0]["00080061"]["Value"] == ["CT", "SEG"]
+        WithdrawnRegistry(web.index).mark(study, ["1.2.3.4.5"], "rejected", ["1.2.9"])
+        js = web.get("/studies").json()[0]
+        assert js["00080061"]["Value"] == ["CT"] and js["00201208"]["Value"] == [2]
+        assert js["00201206"]["Value"] == [1]
+        assert web.get("/series", Modality="SEG").status_code == 204
+        assert web.get("/instances", SOPInstanceUID="1.2.3.4.5").status_code == 204
+        assert web.get(f"/studies/{study}/series/1.2.3.4.6/instances/1.2.3.4.5"
+                       ).status_code == 404
+        assert len(web.get(f"/studies/{study}/instances").json()) == 2
+    finally:
+        web.stop()

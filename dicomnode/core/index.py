@@ -32,7 +32,7 @@ from dicomnode.core.attributes import (
 from dicomnode.core.db import ThreadLocalSQLite
 from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.core.records import ResultSet
-from dicomnode.core.search import Search, search
+from dicomnode.core.search import Search, search, withdrawn_among
 
 #: 1: instances, studies, completions, result sets; 2: the QIDO-RS attributes
 #: (dicomnode.core.attributes), migrated in place from 1
@@ -457,6 +457,10 @@ class Index:
     def search(self, query: Search, max_results: int) -> tuple[list[dict[str, Any]], bool]:
         """A QIDO-RS search in SQL (:func:`dicomnode.core.search.search`)."""
         return search(self._conn(), query, max_results)
+
+    def withdrawn_among(self, sop_uids: list[str]) -> set[str]:
+        """Which of ``sop_uids`` are results withdrawn by a rejection note (PS3.4 KK)."""
+        return withdrawn_among(self._conn(), sop_uids)
 
     def instances_without_attributes(self, limit: int = 500) -> list[StoredInstance]:
         """Instances whose QIDO-RS attributes were never read (indexed before schema 2,

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from dicomnode.core.attributes import pn_key, time_key
 from dicomnode.core.uids import is_uid
 
-__all__ = ["Condition", "Level", "MATCHING", "Search", "SearchError", "search"]
+__all__ = ["Condition", "Level", "MATCHING", "Search", "SearchError", "search",
+           "withdrawn_among"]
 
 Level = Literal["study", "series", "instance"]
 _RANK = {"study": 0, "series": 1, "instance": 2}
@@ -116,10 +117,6 @@ _INSTANCE_COLUMNS = (
     ("Rows", "i.n_rows"), ("Columns", "i.n_columns"), ("NumberOfFrames", "i.n_frames"),
     ("StudyInstanceUID", "i.study_uid"), ("SeriesInstanceUID", "i.series_uid"),
 )
-_MODALITIES = ("(SELECT group_concat(modality, '\\') FROM (SELECT DISTINCT modality"
-               " FROM series_attributes x WHERE x.study_uid = st.study_uid AND modality <> ''"
-               " ORDER BY modality))")
-
 _FROM = {
     "study": "study_attributes st",
     "series": "series_attributes se LEFT JOIN study_attributes st"
@@ -130,19 +127,60 @@ _FROM = {
 _ORDER = {"study": "st.rowid", "series": "se.rowid", "instance": "i.id"}
 
 
-def _select(level: Level) -> list[tuple[str, str]]:
+#: results withdrawn by an IOCM rejection note (dicomnode.withdrawal) are not offered
+_WITHDRAWN = " AND {a}.sop_instance_uid NOT IN (SELECT sop_instance_uid FROM withdrawn_results)"
+
+
+def _select(level: Level, hide: str) -> list[tuple[str, str]]:
+    """The result columns; ``hide`` ("" or :data:`_WITHDRAWN`) filters the counts."""
+    x = hide.format(a="x")
     if level == "study":
-        return [*_STUDY_COLUMNS, ("ModalitiesInStudy", _MODALITIES),
+        modalities = (
+            "(SELECT group_concat(modality, '\\') FROM (SELECT DISTINCT modality"
+            " FROM series_attributes y WHERE y.study_uid = st.study_uid AND modality <> ''"
+            + (" AND EXISTS (SELECT 1 FROM instances x WHERE x.series_uid = y.series_uid"
+               f"{x})" if hide else "") + " ORDER BY modality))")
+        return [*_STUDY_COLUMNS, ("ModalitiesInStudy", modalities),
                 ("NumberOfStudyRelatedSeries",
                  "(SELECT count(DISTINCT series_uid) FROM instances x"
-                 " WHERE x.study_uid = st.study_uid)"),
+                 f" WHERE x.study_uid = st.study_uid{x})"),
                 ("NumberOfStudyRelatedInstances",
-                 "(SELECT count(*) FROM instances x WHERE x.study_uid = st.study_uid)")]
+                 f"(SELECT count(*) FROM instances x WHERE x.study_uid = st.study_uid{x})")]
     if level == "series":
         return [*_STUDY_COLUMNS[1:], ("StudyInstanceUID", "se.study_uid"), *_SERIES_COLUMNS,
                 ("NumberOfSeriesRelatedInstances",
-                 "(SELECT count(*) FROM instances x WHERE x.series_uid = se.series_uid)")]
+                 f"(SELECT count(*) FROM instances x WHERE x.series_uid = se.series_uid{x})")]
     return [*_STUDY_COLUMNS[1:], *_SERIES_COLUMNS[1:], *_INSTANCE_COLUMNS]
+
+
+def _offered(level: Level, hide: str) -> str:
+    """The condition that leaves out what has no offered instance ("" when nothing is
+    withdrawn)."""
+    if not hide:
+        return ""
+    if level == "instance":
+        return hide.format(a="i").removeprefix(" AND ")
+    key = "study_uid = st.study_uid" if level == "study" else "series_uid = se.series_uid"
+    return f"EXISTS (SELECT 1 FROM instances x WHERE x.{key}{hide.format(a='x')})"
+
+
+def withdrawn_among(conn: sqlite3.Connection, sop_uids: Sequence[str]) -> set[str]:
+    """Which of ``sop_uids`` are withdrawn results (never offered by QIDO-RS or WADO-RS)."""
+    if not sop_uids or not _has_withdrawals(conn):
+        return set()
+    out: set[str] = set()
+    uids = list(sop_uids)
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        out |= {r[0] for r in conn.execute(
+            "SELECT sop_instance_uid FROM withdrawn_results WHERE sop_instance_uid IN"
+            f" ({','.join('?' * len(chunk))})", chunk)}
+    return out
+
+
+def _has_withdrawals(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                        " AND name = 'withdrawn_results'").fetchone() is not None
 
 
 def search(conn: sqlite3.Connection, query: Search, max_results: int
@@ -172,8 +210,11 @@ def search(conn: sqlite3.Connection, query: Search, max_results: int
         sql = _condition(cond, column, kind, params)
         if sql:
             where.append(sql)
+    hide = _WITHDRAWN if _has_withdrawals(conn) else ""
+    if hide:
+        where.append(_offered(query.level, hide))
     wanted = max_results if query.limit is None else min(query.limit, max_results)
-    columns = _select(query.level)
+    columns = _select(query.level, hide)
     sql = (f"SELECT {', '.join(expr for _, expr in columns)} FROM {_FROM[query.level]}"
            + (f" WHERE {' AND '.join(where)}" if where else "")
            + f" ORDER BY {_ORDER[query.level]} LIMIT ? OFFSET ?")

@@ -39,6 +39,8 @@ class Wado:
             rows = self.index.instances(study_uid=study, series_uid=series, sop_uid=sop)
         else:
             rows = self.index.instances(study_uid=study, series_uid=series)
+        withdrawn = self.index.withdrawn_among([r.sop_instance_uid for r in rows])
+        rows = [r for r in rows if r.sop_instance_uid not in withdrawn]
         if not rows:
             raise HTTPError(404, "not found")
         return rows
