@@ -308,6 +308,39 @@ def test_header_scan_reads_what_pydicom_reads_on_the_chest_ct() -> None:
         assert attrs.series_number == ds.SeriesNumber
 
 
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1",
+                                "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"])
+@pytest.mark.parametrize("charset,name", [
+    ("ISO_IR 192", "MÜLLER^JÜRGEN"),
+    ("\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # PS3.5 H.3.1
+    ("", "DOE^JOHN"),
+])
+def test_header_scan_reads_the_search_attributes_in_every_syntax(
+        tmp_path: Path, ts: str, charset: str, name: str) -> None:
+    """Rows and Columns (binary US, either byte order), numbers (IS), dates, and names in
+    the data set's character set (ISO 2022 escapes included), in every syntax."""
+    from pydicom.filewriter import dcmwrite
+
+    ds = pydicom.dcmread(make_series(tmp_path / "s", n=1, size=24)[0])
+    if charset:
+        ds.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
+    ds.PatientName, ds.StudyDate, ds.Columns = name, "2024.03.15", 24
+    ds.InstanceNumber, ds.SeriesNumber, ds.AccessionNumber = 17, 3, "A-1"
+    ds.file_meta.TransferSyntaxUID = ts
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    raw = buf.getvalue()
+    data = raw[132 + 12 + int.from_bytes(raw[140:144], "little"):]
+    attrs = read_header(data, ts).attributes
+    assert attrs is not None
+    assert attrs.patient_name == name and attrs.study_date == "20240315"
+    assert (attrs.rows, attrs.columns, attrs.number_of_frames) == (24, 24, None)
+    assert (attrs.instance_number, attrs.series_number) == (17, 3)
+    assert (attrs.accession_number, attrs.modality) == ("A-1", "CT")
+
+
 _SCHEMA_V1 = """
 CREATE TABLE instances (id INTEGER PRIMARY KEY AUTOINCREMENT,
  sop_instance_uid TEXT NOT NULL UNIQUE, sop_class_uid TEXT NOT NULL, study_uid TEXT NOT NULL,

@@ -131,7 +131,10 @@ _INSTANCE_COLUMNS = ("sop_instance_uid, sop_class_uid, study_uid, series_uid, tr
 
 
 def _stored(row: tuple[Any, ...]) -> StoredInstance:
-    return StoredInstance(*row[:12], id=row[12])
+    (sop, sop_class, study, series, syntax, calling, size, received, path, expected, called,
+     origin, row_id) = row
+    return StoredInstance(sop, sop_class, study, series, syntax, calling, size, received, path,
+                          expected, called, origin, id=row_id)
 
 
 _INSERT = (
@@ -178,6 +181,9 @@ class StudyOverview:
     study_date: str
     study_description: str
     modalities: str
+
+
+_OVERVIEW = tuple(StudyOverview.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +523,8 @@ class Index:
             "  ORDER BY modality))"
             " FROM studies s LEFT JOIN study_attributes a ON a.study_uid = s.study_uid"
             " ORDER BY s.last_received DESC LIMIT ?", (int(limit),))
-        return [StudyOverview(*r[:14], r[14] or "") for r in rows]
+        return [StudyOverview(**dict(zip(_OVERVIEW, (*r[:14], r[14] or ""), strict=True)))
+                for r in rows]
 
     def summary(self) -> list[dict[str, Any]]:
         """Every study with its series, counts and state (for ``dicomnode status``)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydicom.filereader import read_dataset
@@ -125,11 +126,11 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
     Raises InvalidInstanceError with a reason when they cannot be read.
     """
     ts = UID(transfer_syntax)
-    values: dict[int, bytes | str] | None = None
+    values: Mapping[int, bytes | str] | None = None
     if ts != DeflatedExplicitVRLittleEndian:
         try:
-            values = dict(_scan(memoryview(data), ts == ImplicitVRLittleEndian,
-                                ts != ExplicitVRBigEndian))
+            values = _scan(memoryview(data), ts == ImplicitVRLittleEndian,
+                           ts != ExplicitVRBigEndian)
         except WalkError:
             values = None
     if values is None:
@@ -165,41 +166,42 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
 
 
 _TEXT, _INT, _DATE, _US = range(4)
-_FIELDS = tuple((name, tag, {"text": _TEXT, "int": _INT, "date": _DATE, "us": _US}[how])
-                for name, (tag, how) in _QIDO.items())
+_HOW = {"text": _TEXT, "int": _INT, "date": _DATE, "us": _US}
+#: (tag, how it is read) in the order of InstanceAttributes' fields
+_FIELDS = tuple((_QIDO[name][0], _HOW[_QIDO[name][1]]) for name in InstanceAttributes._fields)
 _PERSON = frozenset((_PATIENT_NAME, 0x00080090))
 
 
-def _attributes(values: dict[int, bytes | str], little: bool) -> InstanceAttributes:
+def _attributes(values: Mapping[int, bytes | str], little: bool) -> InstanceAttributes:
     """The QIDO-RS attributes from the raw values found (PS3.5 6.2 value encodings)."""
     charset: str | None = None
-    out: dict[str, str | int | None] = {}
-    for name, tag, how in _FIELDS:
+    out: list[str | int | None] = []
+    for tag, how in _FIELDS:
         raw = values.get(tag)
         if raw is None:
-            out[name] = None if how == _INT or how == _US else ""
+            out.append(None if how == _INT or how == _US else "")
             continue
-        if how == _US and not isinstance(raw, str):
-            out[name] = int.from_bytes(raw[:2], "little" if little else "big") \
-                if len(raw) >= 2 else None
+        if how == _US and not isinstance(raw, str) and len(raw) == 2:  # binary US
+            out.append(int.from_bytes(raw, "little" if little else "big"))
             continue
         if isinstance(raw, str):
             text = raw
+        elif raw.isascii() and b"\x1b" not in raw:  # no ISO 2022 escape: plain ASCII
+            text = raw.decode("ascii")
         else:
-            try:
-                text = raw.decode("ascii")
-            except UnicodeDecodeError:
-                if charset is None:
-                    charset = _text(values.get(_CHARSET)) or ""
-                text = _decode_charset(raw, charset, tag in _PERSON)
+            if charset is None:
+                charset = _text(values.get(_CHARSET)) or ""
+            text = _decode_charset(raw, charset, tag in _PERSON)
         text = text.rstrip("\x00 ").strip()
         if how == _TEXT:
-            out[name] = text
+            out.append(text)
+        elif how == _US:  # not 2 bytes: a US written as text, or broken
+            out.append(to_int(text) if text.isdigit() else None)
         elif how == _DATE:
-            out[name] = text if len(text) == 8 and text.isdigit() else date_key(text)
+            out.append(text if len(text) == 8 and text.isdigit() else date_key(text))
         else:
-            out[name] = to_int(text)
-    return InstanceAttributes(**out)  # type: ignore[arg-type]
+            out.append(to_int(text))
+    return InstanceAttributes._make(out)
 
 
 def _decode_charset(value: bytes, charset: str, person: bool) -> str:
