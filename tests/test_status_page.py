@@ -101,7 +101,7 @@ def test_the_page_answers_whom_dicomweb_answers(app: App, tmp_path: Path) -> Non
     app.queue.release(job.id, "tests", error="ValueError: 3 slices; the model needs 20")
     stored = app.index.instances(study_uid=study)[0]
     [delivery] = app.outbox.enqueue("pacs", [app.spool.root / stored.path], key="job-key")
-    app.outbox.mark_failed(delivery.id, "permanent", "association rejected: unknown AE")
+    app.outbox.mark_failed(delivery.id, "permanent", "association rejected: unknown AE <PACS>")
 
     # no token: the sign-in page, and nothing about the patient anywhere
     r = httpx.get(app.base + "/")
@@ -132,7 +132,7 @@ def test_the_page_answers_whom_dicomweb_answers(app: App, tmp_path: Path) -> Non
     assert job_row and "failed" in job_row.group(0) and "the model needs 20" in job_row.group(0)
     dest = re.search(r'<tr id="destination-pacs">.*?</tr>', html, re.S)
     assert dest and re.findall(r">(\d+)</span>", dest.group(0)) == ["0", "0", "1"]
-    assert "association rejected: unknown AE" in html
+    assert "association rejected: unknown AE &lt;PACS&gt;" in html  # escaped
     _only_own_assets(html)
 
     # a browser: signs in once with the token, then reads the page and the thumbnails

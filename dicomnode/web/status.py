@@ -86,6 +86,7 @@ class StatusPage:
     def __init__(self, ae_title: str, index: Index, storage: Path, *,
                  queue: Any = None, outbox: Any = None, models_dir: Path | None = None,
                  gate: Any = None, login_path: str | None = None) -> None:
+        import jinja2
         from starlette.templating import Jinja2Templates
 
         self.ae_title = ae_title
@@ -97,8 +98,11 @@ class StatusPage:
         self.gate = gate
         self.login_path = login_path
         self.overlays = OverlayCache()
-        self.templates = Jinja2Templates(directory=str(TEMPLATES))
-        env = self.templates.env
+        # every value escaped (names and reasons come from the network); a typo in a
+        # template fails loudly instead of printing nothing
+        env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                                 autoescape=True, undefined=jinja2.StrictUndefined)
+        self.templates = Jinja2Templates(env=env)
         env.filters["when"] = _when
         env.filters["ago"] = lambda ts: _ago(ts, time.time())
         env.filters["person"] = _person
