@@ -230,6 +230,21 @@ _WEB = {
         "WADO-RS Retrieve Frames", "-", 'multipart/related; type="application/octet-stream"'),
     ("/dicom-web/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}", "GET"): (
         "WADO-RS Retrieve Bulkdata", "-", 'multipart/related; type="application/octet-stream"'),
+    ("/", "GET"): ("status page (studies, jobs, deliveries, results)", "-", "text/html"),
+    ("/status/jobs/{job_id:int}/overlay.png", "GET"): (
+        "status page: a result's contours over its source slice", "-", "image/png"),
+    ("/login", "GET"): ("sign-in page (browsers; with http.tokens)", "-", "text/html"),
+    ("/login", "POST"): ("sign in with a token: a session cookie for reads",
+                         "application/x-www-form-urlencoded", "text/html"),
+    ("/logout", "POST"): ("sign out", "-", "text/html"),
+    **{(f"/dicom-web/studies/{{study}}{level}/{kind}", "GET"): (
+        f"WADO-RS Retrieve {what} {kind.title()}", "-",
+        "image/jpeg, image/png" + (" (multipart/related for several)"
+                                   if kind == "rendered" and what != "Frames" else ""))
+       for level, what in (("", "Study"), ("/series/{series}", "Series"),
+                           ("/series/{series}/instances/{sop}", "Instance"),
+                           ("/series/{series}/instances/{sop}/frames/{frames}", "Frames"))
+       for kind in ("rendered", "thumbnail")},
 }
 
 
@@ -271,6 +286,27 @@ def dicomweb() -> str:
                   rows)
 
 
+def qido() -> str:
+    """The QIDO-RS match keys and the matching each gets (dicomnode.core.search)."""
+    from dicomnode.core.search import MATCHING
+
+    how = {
+        "uid": "UID list (`,` or `\\` separated)",
+        "text": "single value or wild card (`*`, `?`), case-sensitive",
+        "text_ci": "single value or wild card, case-insensitive",
+        "pn": "single value or wild card, case-insensitive, trailing `^` ignored; alphabetic"
+              " group or whole name",
+        "date": "single date or range (`A-B`, `-B`, `A-`), YYYYMMDD",
+        "time": "single time or range; partial times cover their period",
+        "int": "single value (integer)",
+        "cs_list": "single value, wild card or list (`,` or `\\`)",
+        "modalities": "any series of the study has one of the listed modalities",
+    }
+    rows = [(f"`{keyword}`", level, how[kind]) for keyword, (level, _, kind)
+            in MATCHING.items()]
+    return _table(("Match key", "Level", "Matching (PS3.4 C.2.2.2)"), rows)
+
+
 # meanings of settings whose schema field carries no description
 _MEANINGS = {
     "ae_title": "AE title of STORE-SCP (called) and RESULT-SCU (calling)",
@@ -280,7 +316,7 @@ _MEANINGS = {
     "ingest.acse_timeout": "seconds to wait for association messages",
     "ingest.dimse_timeout": "seconds to wait for DIMSE messages",
     "ingest.network_timeout": "seconds of network silence before the association is dropped",
-    "http.enabled": "serve DICOMweb, /healthz, /readyz, /metrics",
+    "http.enabled": "serve DICOMweb, the status page, /healthz, /readyz, /metrics",
     "http.bind_address": "HTTP address (loopback by default)",
     "http.keyfile": "private key of http.certfile",
     "http.require_client_cert": "HTTPS clients must present a certificate of http.ca_file",
@@ -334,6 +370,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "created-objects": created_objects,
     "statuses": statuses,
     "dicomweb": dicomweb,
+    "qido": qido,
     "configuration": configuration,
 }
 

@@ -1,9 +1,11 @@
-"""The node's HTTP front door: DICOMweb under /dicom-web plus /healthz, /readyz
-and /metrics for IT's monitoring.
+"""The node's HTTP front door: DICOMweb under /dicom-web, the status page at /
+(:mod:`dicomnode.web.status`), /healthz, /readyz and /metrics for IT's monitoring,
+and, with tokens, /login for browsers.
 
 Health and metrics carry no patient data and answer without a token (liveness and
-readiness probes, Prometheus scrapers); DICOMweb needs a bearer token whenever the
-config lists any. HTTPS (and client certificates) when the config names them.
+readiness probes, Prometheus scrapers); DICOMweb and the status page need a bearer
+token (or, for a browser, the session cookie /login gives for one) whenever the config
+lists any. HTTPS (and client certificates) when the config names them.
 """
 
 from __future__ import annotations
@@ -24,25 +26,31 @@ from starlette.types import ASGIApp
 from dicomnode.audit.recorder import Audit
 from dicomnode.config import NodeConfig
 from dicomnode.core.index import Index
+from dicomnode.export.outbox import Outbox
 from dicomnode.ingest.admission import Admission
 from dicomnode.ingest.spool import Spool
 from dicomnode.ingest.stow import StowLimits, StowRs
 from dicomnode.metrics import Metrics, health_response, liveness_checks, readiness_checks
+from dicomnode.queue.base import JobQueue
 from dicomnode.web.app import STUDIES, guarded, read_routes
-from dicomnode.web.auth import BearerAuth
+from dicomnode.web.auth import BearerAuth, Gate
 from dicomnode.web.server import ServerHandle, serve_in_thread
+from dicomnode.web.session import LOGIN_PATH, SessionStore, login_routes
+from dicomnode.web.status import StatusPage
 
 
 def make_app(config: NodeConfig, spool: Spool, index: Index, *,
              tokens: dict[str, str] | None = None, limits: StowLimits | None = None,
-             public_url: str | None = None, audit: Audit | None = None) -> ASGIApp:
+             public_url: str | None = None, audit: Audit | None = None,
+             sessions: SessionStore | None = None) -> ASGIApp:
     """The DICOMweb application (routes under /dicom-web): the STOW-RS door and the
     QIDO-RS/WADO-RS read side, behind the bearer-token check when ``tokens`` (name ->
     sha256 hex) are given.
 
     ``public_url``: the DICOMweb root clients reach (e.g. behind a reverse proxy,
     ``https://node.example.org/dicom-web``) for the URLs in responses; by default it is
-    derived from each request.
+    derived from each request. ``sessions``: browser sessions accepted for reads besides
+    the bearer tokens (:mod:`dicomnode.web.session`).
     """
     stow = StowRs(Admission(config, spool, index, audit=audit), limits)
     routes = [Route(STUDIES, guarded(stow.stow), methods=["POST"]),
@@ -52,20 +60,33 @@ def make_app(config: NodeConfig, spool: Spool, index: Index, *,
     star.state.public_url = public_url
     app: ASGIApp = star
     if tokens:
-        app = BearerAuth(app, tokens)
+        app = BearerAuth(app, tokens, sessions)
     return app
 
 
 def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
               databases: list[Path], scheduler: Callable[[], Any],
-              audit: Audit | None = None) -> Starlette:
+              audit: Audit | None = None, *, queue: JobQueue | None = None,
+              outbox: Outbox | None = None) -> Starlette:
+    """The whole HTTP application. ``queue`` and ``outbox`` (when the node runs models
+    and has destinations) feed the status page."""
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
+    # browsers (the status page, a viewer) sign in once at /login; the cookie then reads
+    sessions = SessionStore(tokens) if tokens else None
     dicomweb = make_app(
         config, spool, index, tokens=tokens, public_url=hc.public_url, audit=audit,
         limits=StowLimits(max_request_bytes=int(hc.max_request_mb * (1 << 20)),
                          max_part_bytes=int(hc.max_part_mb * (1 << 20))),
+        sessions=sessions,
     )
+    secure = hc.certfile is not None or str(hc.public_url or "").startswith("https:")
+    status = StatusPage(config.ae_title, index, spool.root, queue=queue, outbox=outbox,
+                        models_dir=config.models_dir,
+                        gate=Gate(tokens, sessions) if tokens else None,
+                        login_path=LOGIN_PATH if sessions is not None else None)
+    pages = [*(login_routes(sessions, secure_cookie=secure) if sessions is not None else []),
+             *status.routes()]
 
     def respond(result: tuple[int, bytes, str]) -> Response:
         status, body, ctype = result
@@ -92,6 +113,7 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        *pages,
         Mount("/", app=dicomweb),
     ], middleware=middleware)
 

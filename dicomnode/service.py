@@ -37,7 +37,7 @@ from dicomnode.export.dispatcher import Dispatcher
 from dicomnode.export.outbox import Outbox
 from dicomnode.export.senders import make_sender
 from dicomnode.ingest.completion import CompletionSink, CompletionTracker, LoggingSink
-from dicomnode.ingest.reconcile import reconcile
+from dicomnode.ingest.reconcile import backfill_attributes, reconcile
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
 from dicomnode.metrics import Metrics
@@ -112,6 +112,7 @@ class Node:
         if self._running_marker.exists():
             LOG.warning("the previous run did not shut down cleanly; checking the index")
             reconcile(self.index, self.spool)
+        backfill_attributes(self.index, self.spool)  # an index from before schema 2
         fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT, 0o640)
         os.fsync(fd)
         os.close(fd)
@@ -219,9 +220,10 @@ class Node:
         if self.queue is not None:
             databases.append(self.layout.jobs_db)
         app = build_app(cfg, self.spool, self.index, self.metrics, databases,
-                        scheduler=lambda: self.scheduler, audit=self.audit)
+                        scheduler=lambda: self.scheduler, audit=self.audit,
+                        queue=self.queue, outbox=self.outbox or self._retention_outbox)
         self.http = start_http(cfg, app)
-        LOG.info("HTTP (DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
+        LOG.info("HTTP (status page, DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
                  "https" if cfg.http.certfile else "http", cfg.http.bind_address,
                  self.http.port)
 

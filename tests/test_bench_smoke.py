@@ -208,3 +208,18 @@ def test_lung_model_smoke(tmp_path: Path) -> None:
     lungs = result["measurements"]
     assert {"right lung", "left lung"} <= set(lungs)
     assert positive(lungs["right lung"]["volume"][0])
+
+
+# -- QIDO-RS latency and the header scan -----------------------------------------------------
+
+
+def test_qido_smoke(tmp_path: Path) -> None:
+    report, _ = run_bench("qido.py", tmp_path / "qido.json")
+    queries = report["queries"]
+    assert queries["all studies"]["results"] == report["studies"] == 3
+    assert queries["PatientName wildcard"]["results"] == 1  # DOE^JOHN000 only
+    assert queries["instances of a study"]["results"] == report["instances_per_study"]
+    for q in queries.values():
+        assert positive(q["cold_ms"]) and positive(q["warm_ms"]), q
+    for h in report["read_header"].values():
+        assert positive(h["us_per_call"]) and positive(h["us_per_call_best"]), h

@@ -96,8 +96,13 @@ def json_response(data: Any) -> Response:
     return JSONResponse(data, media_type=DICOM_JSON)
 
 
-def multipart(parts: list[tuple[Path | bytes, str]], media: str) -> StreamingResponse:
+def multipart(parts: list[tuple[Path | bytes, str]], media: str, *,
+              transfer_syntax: str | None = None,
+              headers: dict[str, str] | None = None) -> StreamingResponse:
+    """A multipart/related response (PS3.18 8.7.1) of files or bytes; with
+    ``transfer_syntax``, its ``transfer-syntax`` parameter (PS3.18 8.7.3.5.2)."""
     boundary = secrets.token_hex(16)
+    ts = f"; transfer-syntax={transfer_syntax}" if transfer_syntax else ""
 
     def gen() -> Iterator[bytes]:
         for item, ctype in parts:
@@ -111,6 +116,7 @@ def multipart(parts: list[tuple[Path | bytes, str]], media: str) -> StreamingRes
 
     return StreamingResponse(
         iterate_in_threadpool(gen()),
-        media_type=f'multipart/related; type="{media}"; boundary={boundary}',
+        media_type=f'multipart/related; type="{media}"{ts}; boundary={boundary}',
+        headers=headers,
     )
 

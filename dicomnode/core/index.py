@@ -20,15 +20,24 @@ import sqlite3
 import time
 from collections.abc import Collection
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomnode.core.attributes import (
+    InstanceAttributes,
+    instance_values,
+    migrate_v2,
+    write_attributes,
+)
 from dicomnode.core.db import ThreadLocalSQLite
 from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.core.records import ResultSet
+from dicomnode.core.search import Search, search, withdrawn_among
 
-SCHEMA_VERSION = 1
+#: 1: instances, studies, completions, result sets; 2: the QIDO-RS attributes
+#: (dicomnode.core.attributes), migrated in place from 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -114,6 +123,10 @@ class InstanceRecord:
     # 'result': an object the node made (SEG, SR, ...), indexed so that QIDO/WADO serve
     # it; results never re-open a study, count towards completion or get routed
     origin: str = "received"
+    # what QIDO-RS answers about it, recorded with the row (never read back into a
+    # StoredInstance: searches read them in SQL, dicomnode.core.search); None: read
+    # later from the file (dicomnode.ingest.reconcile.backfill_attributes)
+    attributes: InstanceAttributes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +145,24 @@ _NOT_WITHDRAWN = "sop_instance_uid NOT IN (SELECT sop_instance_uid FROM withdraw
 
 
 def _stored(row: tuple[Any, ...]) -> StoredInstance:
-    return StoredInstance(*row)
+    (sop, sop_class, study, series, syntax, calling, size, received, path, expected, called,
+     origin, row_id) = row
+    return StoredInstance(sop, sop_class, study, series, syntax, calling, size, received, path,
+                          expected, called, origin, id=row_id)
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
+    " transfer_syntax, calling_ae, called_ae, size, received_at, path, expected_count, origin,"
+    " instance_number, n_rows, n_columns, n_frames, attributes)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _insert_values(rec: InstanceRecord, origin: str) -> tuple[Any, ...]:
+    return (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
+            rec.transfer_syntax, rec.calling_ae, rec.called_ae, rec.size, rec.received_at,
+            rec.path, rec.expected_count, origin, *instance_values(rec.attributes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +173,31 @@ class IndexStats:
     instances: list[tuple[str, str, int]]
     studies: dict[str, int]
     completions: int
+
+
+@dataclass(frozen=True, slots=True)
+class StudyOverview:
+    """One study as the status page shows it (patient identifiers included: only for
+    callers DICOMweb would answer)."""
+
+    study_uid: str
+    state: str
+    revision: int
+    first_received: float
+    last_received: float
+    completed_at: float | None
+    calling_ae: str
+    instances: int
+    results: int
+    series: int
+    patient_name: str
+    patient_id: str
+    study_date: str
+    study_description: str
+    modalities: str
+
+
+_OVERVIEW = tuple(StudyOverview.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +222,18 @@ class Index:
         self.path = Path(path)
         self._db = ThreadLocalSQLite(self.path, synchronous=synchronous,  # type: ignore[arg-type]
                                      timeout=timeout)
-        self._db.executescript(_SCHEMA + f";PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older database to :data:`SCHEMA_VERSION` (PRAGMA user_version), in
+        one transaction; several processes may race here, the first one migrates."""
+        with self.transaction() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version < 2:
+                migrate_v2(conn)
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def path_for(storage: Path | str) -> Path:
@@ -215,27 +281,12 @@ class Index:
         Returns False when the SOP Instance UID was already indexed (nothing changes).
         """
         with self.transaction() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid,"
-                " series_uid, transfer_syntax, calling_ae, called_ae, size, received_at, path,"
-                " expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    rec.sop_instance_uid,
-                    rec.sop_class_uid,
-                    rec.study_uid,
-                    rec.series_uid,
-                    rec.transfer_syntax,
-                    rec.calling_ae,
-                    rec.called_ae,
-                    rec.size,
-                    rec.received_at,
-                    rec.path,
-                    rec.expected_count,
-                    rec.origin,
-                ),
-            )
-            if cur.rowcount == 0 or rec.origin != "received":
-                return cur.rowcount > 0
+            cur = conn.execute(_INSERT, _insert_values(rec, rec.origin))
+            if cur.rowcount == 0:
+                return False
+            write_attributes(conn, rec.study_uid, rec.series_uid, rec.attributes)
+            if rec.origin != "received":
+                return True
             conn.execute(
                 "INSERT INTO studies (study_uid, state, first_received, last_received, calling_ae)"
                 " VALUES (?, 'receiving', ?, ?, ?)"
@@ -251,13 +302,8 @@ class Index:
         set, in one transaction. Idempotent: a job re-run after a crash changes nothing."""
         with self.transaction() as conn:
             for rec in instances:
-                conn.execute(
-                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid,"
-                    " study_uid, series_uid, transfer_syntax, calling_ae, called_ae, size,"
-                    " received_at, path, expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
-                     rec.transfer_syntax, rec.calling_ae, rec.called_ae, rec.size,
-                     rec.received_at, rec.path, rec.expected_count, "result"))
+                if conn.execute(_INSERT, _insert_values(rec, "result")).rowcount:
+                    write_attributes(conn, rec.study_uid, rec.series_uid, rec.attributes)
             conn.execute(
                 "INSERT OR REPLACE INTO result_sets (job_key, study_uid, created_at, result_set)"
                 " VALUES (?,?,?,?)",
@@ -452,6 +498,39 @@ class Index:
             "SELECT last_received FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
         return None if row is None else float(row[0])
 
+    # -- QIDO-RS ------------------------------------------------------------
+
+    def search(self, query: Search, max_results: int) -> tuple[list[dict[str, Any]], bool]:
+        """A QIDO-RS search in SQL (:func:`dicomnode.core.search.search`)."""
+        return search(self._conn(), query, max_results)
+
+    def withdrawn_among(self, sop_uids: list[str]) -> set[str]:
+        """Which of ``sop_uids`` are results withdrawn by a rejection note (PS3.4 KK)."""
+        return withdrawn_among(self._conn(), sop_uids)
+
+    def instances_without_attributes(self, limit: int = 500) -> list[StoredInstance]:
+        """Instances whose QIDO-RS attributes were never read (indexed before schema 2,
+        or without them), oldest first."""
+        rows = self._conn().execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE attributes = 0 ORDER BY id"
+            " LIMIT ?", (int(limit),))
+        return [_stored(r) for r in rows]
+
+    def set_attributes(self, items: list[tuple[StoredInstance, InstanceAttributes | None]]
+                       ) -> None:
+        """Record attributes read later (the backfill); None: the file could not be read
+        (not tried again)."""
+        with self.transaction() as conn:
+            for row, attrs in items:
+                if attrs is None:
+                    conn.execute("UPDATE instances SET attributes = 2 WHERE id = ?", (row.id,))
+                    continue
+                conn.execute(
+                    "UPDATE instances SET instance_number = ?, n_rows = ?, n_columns = ?,"
+                    " n_frames = ?, attributes = ? WHERE id = ?",
+                    (*instance_values(attrs), row.id))
+                write_attributes(conn, row.study_uid, row.series_uid, attrs)
+
     # -- reporting ----------------------------------------------------------
 
     def stats(self) -> IndexStats:
@@ -464,6 +543,28 @@ class Index:
             "SELECT state, count(*) FROM studies GROUP BY state")}
         completions = int(conn.execute("SELECT count(*) FROM completions").fetchone()[0])
         return IndexStats(instances, studies, completions)
+
+    def recent_studies(self, limit: int = 50) -> list[StudyOverview]:
+        """The studies most recently received, newest first, with what the status page
+        shows of each."""
+        rows = self._conn().execute(
+            "SELECT s.study_uid, s.state, s.revision, s.first_received, s.last_received,"
+            " s.completed_at, s.calling_ae,"
+            " (SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid"
+            "  AND i.origin = 'received'),"
+            " (SELECT count(*) FROM instances i WHERE i.study_uid = s.study_uid"
+            "  AND i.origin = 'result'),"
+            " (SELECT count(DISTINCT series_uid) FROM instances i"
+            "  WHERE i.study_uid = s.study_uid),"
+            " coalesce(a.patient_name, ''), coalesce(a.patient_id, ''),"
+            " coalesce(a.study_date, ''), coalesce(a.study_description, ''),"
+            " (SELECT group_concat(modality, '/') FROM (SELECT DISTINCT modality"
+            "  FROM series_attributes x WHERE x.study_uid = s.study_uid AND modality <> ''"
+            "  ORDER BY modality))"
+            " FROM studies s LEFT JOIN study_attributes a ON a.study_uid = s.study_uid"
+            " ORDER BY s.last_received DESC LIMIT ?", (int(limit),))
+        return [StudyOverview(**dict(zip(_OVERVIEW, (*r[:14], r[14] or ""), strict=True)))
+                for r in rows]
 
     def summary(self) -> list[dict[str, Any]]:
         """Every study with its series, counts and state (for ``dicomnode status``)."""

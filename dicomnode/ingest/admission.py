@@ -219,6 +219,7 @@ class AdmissionSession:
                 transfer_syntax=a.transfer_syntax, calling_ae=self.calling_ae, size=size,
                 received_at=time.time(), path=str(target.relative_to(adm.spool.root)),
                 expected_count=header.expected_count, called_ae=self.called_ae,
+                attributes=header.attributes,
             ))
         except StorageError as exc:
             LOG.error("cannot store an instance from %s: %s", self.calling_ae, exc)

@@ -1,11 +1,15 @@
 """What the receive path reads and writes of a dataset, without decoding it.
 
 * ``read_header``: the few attributes ingest needs (SOP Instance, Study and Series
-  Instance UIDs, Number of Study Related Instances), found by walking the
-  top-level element headers of the encoded dataset with the one element walker
-  (:mod:`dicomnode.core.elements`, PS3.5 7.1) and stopping after (0020,1208); about
-  20 us for a CT slice. Sequences are skipped, never parsed. Deflated datasets, and
-  anything the walk does not understand, go through pydicom's partial reader instead.
+  Instance UIDs, Number of Study Related Instances) and those QIDO-RS answers from the
+  index (:class:`~dicomnode.core.attributes.InstanceAttributes`: patient, study and
+  series attributes, Instance Number, Rows, Columns, Number of Frames), found by
+  walking the top-level element headers of the encoded dataset with the one element
+  walker (:mod:`dicomnode.core.elements`, PS3.5 7.1) and stopping after (0028,0011)
+  Columns, before any pixel data; about 15-40 us for a CT slice. Sequences are skipped,
+  never parsed. Deflated datasets, and anything the walk does not understand, go
+  through pydicom's partial reader instead. Text is decoded with the data set's
+  Specific Character Set (PS3.5 6.1.2.3) when it is not plain ASCII.
 * ``encode_file_meta``: the 128-byte preamble, "DICM" and the File Meta
   Information group (PS3.10 7.1), built directly as Explicit VR Little Endian.
 """
@@ -15,9 +19,11 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydicom.filereader import read_dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
@@ -26,18 +32,34 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from dicomnode.core.attributes import InstanceAttributes, date_key, to_int
 from dicomnode.core.elements import WalkError, walk
 from dicomnode.errors import InvalidInstanceError
 
+_CHARSET = 0x00080005
 _SOP_INSTANCE_UID = 0x00080018
 _PATIENT_NAME = 0x00100010
 _PATIENT_ID = 0x00100020
 _STUDY_UID = 0x0020000D
 _SERIES_UID = 0x0020000E
 _STUDY_RELATED_INSTANCES = 0x00201208
-_WANTED = (_SOP_INSTANCE_UID, _PATIENT_NAME, _PATIENT_ID, _STUDY_UID, _SERIES_UID,
-           _STUDY_RELATED_INSTANCES)
-_LAST = _STUDY_RELATED_INSTANCES
+_ROWS = 0x00280010
+_COLUMNS = 0x00280011
+#: InstanceAttributes field -> (tag, how its value is read)
+_QIDO: dict[str, tuple[int, str]] = {
+    "study_date": (0x00080020, "date"), "study_time": (0x00080030, "text"),
+    "accession_number": (0x00080050, "text"), "modality": (0x00080060, "text"),
+    "referring_physician_name": (0x00080090, "text"),
+    "study_description": (0x00081030, "text"), "series_description": (0x0008103E, "text"),
+    "patient_name": (_PATIENT_NAME, "text"), "patient_id": (_PATIENT_ID, "text"),
+    "patient_birth_date": (0x00100030, "date"), "patient_sex": (0x00100040, "text"),
+    "study_id": (0x00200010, "text"), "series_number": (0x00200011, "int"),
+    "instance_number": (0x00200013, "int"), "number_of_frames": (0x00280008, "int"),
+    "rows": (_ROWS, "us"), "columns": (_COLUMNS, "us"),
+}
+_WANTED = frozenset((_CHARSET, _SOP_INSTANCE_UID, _STUDY_UID, _SERIES_UID,
+                     _STUDY_RELATED_INSTANCES, *(t for t, _ in _QIDO.values())))
+_LAST = _COLUMNS
 _DEFLATE_HEADER_LIMIT = 16 << 20
 
 
@@ -49,9 +71,11 @@ class HeaderInfo:
     study_uid: str
     series_uid: str
     expected_count: int | None
-    # patient identifiers: only ever written into encrypted audit records, never logged
+    # patient identifiers: only ever written into encrypted audit records and the index
+    # (for QIDO-RS), never logged
     patient_id: str = ""
     patient_name: str = ""
+    attributes: InstanceAttributes | None = None
 
 
 def _scan(buf: memoryview, implicit: bool, little: bool) -> dict[int, bytes]:
@@ -80,7 +104,10 @@ def _pydicom(data: bytes | memoryview, ts: UID) -> dict[int, bytes | str]:
     for t in _WANTED:
         elem = ds.get(Tag(t))
         if elem is not None and elem.value not in (None, ""):
-            out[t] = str(elem.value)
+            value = elem.value
+            if isinstance(value, list | MultiValue):  # e.g. several character sets
+                value = "\\".join(str(v) for v in value)
+            out[t] = str(value)
     return out
 
 
@@ -99,11 +126,11 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
     Raises InvalidInstanceError with a reason when they cannot be read.
     """
     ts = UID(transfer_syntax)
-    values: dict[int, bytes | str] | None = None
+    values: Mapping[int, bytes | str] | None = None
     if ts != DeflatedExplicitVRLittleEndian:
         try:
-            values = dict(_scan(memoryview(data), ts == ImplicitVRLittleEndian,
-                                ts != ExplicitVRBigEndian))
+            values = _scan(memoryview(data), ts == ImplicitVRLittleEndian,
+                           ts != ExplicitVRBigEndian)
         except WalkError:
             values = None
     if values is None:
@@ -126,24 +153,70 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
         count = int(count_text) if count_text else None
     except ValueError:
         count = None
+    attrs = _attributes(values, ts != ExplicitVRBigEndian)
     return HeaderInfo(
         _text(values.get(_SOP_INSTANCE_UID)),
         study,
         series,
         count if count and count > 0 else None,
-        _person(values.get(_PATIENT_ID)),
-        _person(values.get(_PATIENT_NAME)),
+        attrs.patient_id,
+        attrs.patient_name,
+        attrs,
     )
 
 
-def _person(value: bytes | str | None) -> str:
-    """Patient ID/Name as text; bytes outside ASCII are decoded leniently (the
-    Specific Character Set is not read on this path)."""
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    return value.rstrip("\x00 ").strip()
+_TEXT, _INT, _DATE, _US = range(4)
+_HOW = {"text": _TEXT, "int": _INT, "date": _DATE, "us": _US}
+#: (tag, how it is read) in the order of InstanceAttributes' fields
+_FIELDS = tuple((_QIDO[name][0], _HOW[_QIDO[name][1]]) for name in InstanceAttributes._fields)
+_PERSON = frozenset((_PATIENT_NAME, 0x00080090))
+
+
+def _attributes(values: Mapping[int, bytes | str], little: bool) -> InstanceAttributes:
+    """The QIDO-RS attributes from the raw values found (PS3.5 6.2 value encodings)."""
+    charset: str | None = None
+    out: list[str | int | None] = []
+    for tag, how in _FIELDS:
+        raw = values.get(tag)
+        if raw is None:
+            out.append(None if how == _INT or how == _US else "")
+            continue
+        if how == _US and not isinstance(raw, str) and len(raw) == 2:  # binary US
+            out.append(int.from_bytes(raw, "little" if little else "big"))
+            continue
+        if isinstance(raw, str):
+            text = raw
+        elif raw.isascii() and b"\x1b" not in raw:  # no ISO 2022 escape: plain ASCII
+            text = raw.decode("ascii")
+        else:
+            if charset is None:
+                charset = _text(values.get(_CHARSET)) or ""
+            text = _decode_charset(raw, charset, tag in _PERSON)
+        text = text.rstrip("\x00 ").strip()
+        if how == _TEXT:
+            out.append(text)
+        elif how == _US:  # not 2 bytes: a US written as text, or broken
+            out.append(to_int(text) if text.isdigit() else None)
+        elif how == _DATE:
+            out.append(text if len(text) == 8 and text.isdigit() else date_key(text))
+        else:
+            out.append(to_int(text))
+    return InstanceAttributes._make(out)
+
+
+def _decode_charset(value: bytes, charset: str, person: bool) -> str:
+    """Text outside ASCII, decoded with the Specific Character Set (PS3.5 6.1.2.3; ISO
+    2022 escapes included), leniently."""
+    from pydicom.charset import convert_encodings, decode_bytes
+    from pydicom.valuerep import PersonName
+
+    try:
+        encodings = convert_encodings(charset.split("\\") if charset else ["ISO_IR 6"])
+        if person:
+            return str(PersonName(value, encodings))
+        return str(decode_bytes(value, encodings, {0x5C}))
+    except Exception:  # an unknown or broken character set: never refuse the instance
+        return value.decode("utf-8", errors="replace")
 
 
 def _ui(elem: int, value: str) -> bytes:

@@ -4,6 +4,9 @@ The instance files are the durable record (fsync'd, renamed, folder fsync'd befo
 Success); the index commits without an fsync of its own. After a power loss the
 newest index rows may be gone while their files are there: this re-indexes them.
 It runs at start-up when the previous run did not shut down cleanly.
+
+:func:`backfill_attributes` reads the QIDO-RS attributes of instances indexed without
+them (a database from before index schema 2) from their files, at start-up.
 """
 
 from __future__ import annotations
@@ -15,13 +18,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from dicomnode.core.index import Index, InstanceRecord
+from dicomnode.core.attributes import InstanceAttributes
+from dicomnode.core.index import Index, InstanceRecord, StoredInstance
 from dicomnode.ingest.spool import Spool
 
 LOG = logging.getLogger(__name__)
-
-_TAGS = ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID",
-         "NumberOfStudyRelatedInstances"]
 
 
 def reconcile(index: Index, spool: Spool) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def reconcile(index: Index, spool: Spool) -> tuple[int, int]:
             if rel in known:
                 continue
             try:
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+                ds = dcmread(path, stop_before_pixels=True)
                 meta = ds.file_meta
                 st = path.stat()
                 count = ds.get("NumberOfStudyRelatedInstances")
@@ -58,6 +59,7 @@ def reconcile(index: Index, spool: Spool) -> tuple[int, int]:
                     received_at=min(st.st_mtime, time.time()),
                     path=rel,
                     expected_count=int(count) if count else None,
+                    attributes=InstanceAttributes.from_dataset(ds),
                 ))
                 added += 1
             except Exception as exc:
@@ -70,3 +72,26 @@ def reconcile(index: Index, spool: Spool) -> tuple[int, int]:
     if added:
         LOG.warning("re-indexed %d instance file(s) that the index had lost", added)
     return added, len(missing)
+
+
+def backfill_attributes(index: Index, spool: Spool, *, batch: int = 500) -> int:
+    """Read the QIDO-RS attributes of every instance indexed without them (PS3.18 10.6)
+    from its file's header; returns how many were read. A file that cannot be read is
+    logged and marked, not tried again."""
+    done = 0
+    started = time.monotonic()
+    while rows := index.instances_without_attributes(batch):
+        items: list[tuple[StoredInstance, InstanceAttributes | None]] = []
+        for row in rows:
+            try:
+                ds = dcmread(spool.root / row.path, stop_before_pixels=True)
+                items.append((row, InstanceAttributes.from_dataset(ds)))
+            except Exception as exc:
+                LOG.error("cannot read the attributes of %s: %s", row.path, exc)
+                items.append((row, None))
+        index.set_attributes(items)
+        done += len(rows)
+    if done:
+        LOG.info("read the search attributes of %d indexed instance(s) in %.1f s", done,
+                 time.monotonic() - started)
+    return done

@@ -2,12 +2,19 @@
 
 Tokens are configured as the SHA-256 of the token (``hash_token``), never in clear;
 a request without a known token gets the same 401 whatever the path, and the
-comparison takes the same time whichever token matched."""
+comparison takes the same time whichever token matched.
+
+A browser cannot send the header; it signs in once at ``/login`` with a token and then
+carries a session cookie (:mod:`dicomnode.web.session`: random id, HttpOnly,
+SameSite=Strict, Secure under HTTPS), accepted for reads (GET/HEAD) only. The status
+page and DICOMweb ask the same question (:meth:`BearerAuth.allows`), so the page never
+shows a caller what DICOMweb would refuse it."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -18,12 +25,20 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class BearerAuth:
-    """ASGI middleware: 401 (same body for every path) unless a known bearer token is sent."""
+class Gate:
+    """Who may read: a known bearer token, or (GET/HEAD only) a live session of
+    ``sessions`` (:class:`dicomnode.web.session.SessionStore`)."""
 
-    def __init__(self, app: ASGIApp, tokens: dict[str, str]) -> None:
-        self.app = app
+    def __init__(self, tokens: dict[str, str], sessions: Any = None) -> None:
         self.hashes = [bytes.fromhex(h.strip().lower()) for h in tokens.values()]
+        self.sessions = sessions
+
+    def allows(self, scope: Scope) -> bool:
+        """Whether the request carries a known bearer token, or (reads only) a live
+        session."""
+        if self.sessions is not None and self.sessions.allows(scope):
+            return True
+        return self._ok(scope)
 
     def _ok(self, scope: Scope) -> bool:
         value = ""
@@ -40,8 +55,20 @@ class BearerAuth:
             ok |= hmac.compare_digest(digest, h)
         return ok
 
+
+class BearerAuth(Gate):
+    """ASGI middleware: 401 (same body for every path) unless :meth:`Gate.allows`.
+
+    With ``sessions`` (:class:`dicomnode.web.session.SessionStore`), a read (GET/HEAD)
+    carrying a live session cookie of the node's own sign-in page passes too.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: dict[str, str], sessions: Any = None) -> None:
+        super().__init__(tokens, sessions)
+        self.app = app
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._ok(scope):
+        if scope["type"] == "http" and not self.allows(scope):
             resp = PlainTextResponse(
                 "Unauthorized", 401, headers={"WWW-Authenticate": 'Bearer realm="dicomnode"'}
             )

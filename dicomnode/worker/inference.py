@@ -222,8 +222,9 @@ class InferenceWorker:
         """The index entry of a result object the node wrote."""
         from pydicom import dcmread
 
-        ds = dcmread(path, stop_before_pixels=True,
-                     specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        from dicomnode.core.attributes import InstanceAttributes
+
+        ds = dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
         return InstanceRecord(
             sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
@@ -232,7 +233,7 @@ class InferenceWorker:
             transfer_syntax=str(meta.TransferSyntaxUID), calling_ae=self.config.ae_title,
             size=path.stat().st_size, received_at=time.time(),
             path=self.layout.relative(path), called_ae=self.config.ae_title,
-            origin="result",
+            origin="result", attributes=InstanceAttributes.from_dataset(ds),
         )
 
     def _infer(self, job: Job, payload: JobPayload) -> InferenceResult:
