@@ -413,7 +413,6 @@ def test_withdrawn_results_are_not_offered(tmp_path: Path) -> None:
     from dicomnode.core.attributes import InstanceAttributes
     from dicomnode.core.index import InstanceRecord
     from dicomnode.core.records import ResultSet
-    from dicomnode.withdrawal import WithdrawnRegistry
 
     web = Web(tmp_path / "storage")
     try:
@@ -426,7 +425,7 @@ def test_withdrawn_results_are_not_offered(tmp_path: Path) -> None:
                              attributes=InstanceAttributes(modality="SEG"))
         web.index.record_results(ResultSet("k", study, {"seg": ("1.2.3.4.5",)}), [seg])
         assert web.get("/studies").json()[0]["00080061"]["Value"] == ["CT", "SEG"]
-        WithdrawnRegistry(web.index).mark(study, ["1.2.3.4.5"], "rejected", ["1.2.9"])
+        web.index.mark_withdrawn(study, ["1.2.3.4.5"], "rejected", ["1.2.9"])
         js = web.get("/studies").json()[0]
         assert js["00080061"]["Value"] == ["CT"] and js["00201208"]["Value"] == [2]
         assert js["00201206"]["Value"] == [1]
