@@ -1,5 +1,5 @@
 """The node's HTTP front door: DICOMweb under /dicom-web plus /healthz, /readyz
-and /metrics for IT's monitoring.
+and /metrics for IT's monitoring, OHIF at /viewer/ and, with tokens, /login.
 
 Health and metrics carry no patient data and answer without a token (liveness and
 readiness probes, Prometheus scrapers); DICOMweb needs a bearer token whenever the
@@ -26,6 +26,8 @@ from dicomnode.ingest.spool import Spool
 from dicomnode.metrics import Metrics, health_response, liveness_checks, readiness_checks
 from dicomnode.web import WebLimits, make_app, serve_in_thread
 from dicomnode.web.app import ServerHandle
+from dicomnode.web.session import SessionStore, login_routes
+from dicomnode.web.viewer import viewer_routes
 
 
 def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
@@ -33,11 +35,17 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
               audit: Any = None) -> Starlette:
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
+    # browsers (OHIF at /viewer/) sign in once at /login; the cookie then reads DICOMweb
+    sessions = SessionStore(tokens) if tokens else None
     dicomweb = make_app(
         config, spool, index, tokens=tokens, public_url=hc.public_url, audit=audit,
         limits=WebLimits(max_request_bytes=int(hc.max_request_mb * (1 << 20)),
                          max_part_bytes=int(hc.max_part_mb * (1 << 20))),
+        sessions=sessions,
     )
+    secure = hc.certfile is not None or str(hc.public_url or "").startswith("https:")
+    pages = [*(login_routes(sessions, secure_cookie=secure) if sessions is not None else []),
+             *viewer_routes(hc.viewer_dir, dicomweb_root=hc.public_url, sessions=sessions)]
 
     def respond(result: tuple[int, bytes, str]) -> Response:
         status, body, ctype = result
@@ -64,6 +72,7 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        *pages,
         Mount("/", app=dicomweb),
     ], middleware=middleware)
 

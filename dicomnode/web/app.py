@@ -78,13 +78,20 @@ def hash_token(token: str) -> str:
 
 
 class BearerAuth:
-    """ASGI middleware: 401 (same body for every path) unless a known bearer token is sent."""
+    """ASGI middleware: 401 (same body for every path) unless a known bearer token is sent.
 
-    def __init__(self, app: ASGIApp, tokens: dict[str, str]) -> None:
+    With ``sessions`` (:class:`dicomnode.web.session.SessionStore`), a read (GET/HEAD)
+    carrying a live session cookie of the node's own sign-in page passes too.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: dict[str, str], sessions: Any = None) -> None:
         self.app = app
         self.hashes = [bytes.fromhex(h.strip().lower()) for h in tokens.values()]
+        self.sessions = sessions
 
     def _ok(self, scope: Scope) -> bool:
+        if self.sessions is not None and self.sessions.allows(scope):
+            return True
         value = ""
         for k, v in scope.get("headers", ()):
             if k == b"authorization":
@@ -713,12 +720,13 @@ def _multipart(parts: list[tuple[Path | bytes, str]], media: str) -> StreamingRe
 def make_app(config: Any, spool: Spool, index: Index, *,
              tokens: dict[str, str] | None = None,
              limits: WebLimits | None = None, public_url: str | None = None,
-             audit: Audit | None = None) -> ASGIApp:
+             audit: Audit | None = None, sessions: Any = None) -> ASGIApp:
     """The DICOMweb ASGI application (routes under /dicom-web).
 
     ``public_url``: the DICOMweb root clients reach (e.g. behind a reverse proxy,
     ``https://node.example.org/dicom-web``) for the URLs in responses; by default it is
-    derived from each request.
+    derived from each request. ``sessions``: browser sessions accepted for reads besides
+    the bearer tokens (:mod:`dicomnode.web.session`).
     """
     web = DicomWeb(config, spool, index, limits or WebLimits(), audit)
 
@@ -826,7 +834,7 @@ def make_app(config: Any, spool: Spool, index: Index, *,
     star.state.public_url = public_url
     app: ASGIApp = star
     if tokens:
-        app = BearerAuth(app, tokens)
+        app = BearerAuth(app, tokens, sessions)
     return app
 
 
