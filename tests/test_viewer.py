@@ -24,11 +24,11 @@ import pytest
 from conftest import ROOT, make_series
 
 from dicomnode.config import parse_config
+from dicomnode.errors import InvalidUIDError
 from dicomnode.http import build_app
 from dicomnode.index import Index
 from dicomnode.ingest.spool import Spool
 from dicomnode.metrics import Metrics
-from dicomnode.errors import InvalidUIDError
 from dicomnode.web import hash_token, serve_in_thread
 from dicomnode.web.session import COOKIE, SessionStore, safe_next
 from dicomnode.web.viewer import (

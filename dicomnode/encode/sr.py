@@ -17,7 +17,24 @@ with highdicom, whose content is DCMR TID 1500 (PS3.16):
   label's measurements from ``inp.measurements[label.name]``;
 * ``inp.measurements["total"]``, if present, as a TID 1501 group (no single
   segment covers it) with tracking identifier "total" and, as finding sites, the
-  labels' anatomy;
+  labels' anatomy; each of its measurements is "INFERRED FROM" (TID 300/320) the
+  labels' outlines on the slice where they are largest together;
+* per label with voxels, a TID 1410 "Planar ROI Measurements" group: its outline
+  (SCOORD POLYLINE, TID 1410 "Image Region") on its representative slice (the one
+  with most of its voxels, :mod:`dicomnode.encode.sr_regions`) and the area it
+  encloses, with the same tracking identifier and UID as its TID 1411 group (the
+  same finding, drawn where it is largest);
+* an Image Library (TID 1600) entry for every image the outlines lie on; those
+  images are in the evidence too.
+
+Why the planar groups: OHIF 3 (extensions/cornerstone-dicom-sr, 3.13) merges a
+report's groups by Tracking Unique Identifier and draws each merged finding from its
+first SCOORD; a finding with no image coordinate at all stops its SR viewport
+("Cannot read properties of undefined (reading 'ReferencedSOPSequence')"). With the
+planar group every finding has an outline on a referenced image, and OHIF shows
+the TID 1411 measurements (volume, densities) next to it. A label with no voxels and
+no measurements gets no group at all (nothing to report; its SEG segment stays, empty)
+unless no label has any (a report needs one group).
 * same study, new series (``inp.uid("sr", ...)``, Series Number = source + 20000);
   the evidence (Current Requested Procedure Evidence Sequence) is the SEG;
 * a later revision lists the SRs it replaces (``inp.replaces["sr"]``) in the
