@@ -244,7 +244,7 @@ def make_chest_phantom(out_dir: Path, *, n_slices: int = 120, rows: int = 256,
         pixel_spacing=phantom.pixel_spacing, slice_thickness=slice_thickness,
         study_uid=study_uid, study_description="SYNTHETIC CHEST PHANTOM (dicomnode demo)",
         series_description=f"CHEST PHANTOM AXIAL {slice_thickness:g}mm",
-        patient_name="PHANTOM^CHEST", patient_id="DEMO0001",
+        patient_name="PHANTOM^CHEST", patient_id="DEMO0001", window=(40.0, 400.0),
     )
 
 

@@ -70,9 +70,11 @@ def write_ct_series(
     series_description: str | None = None,
     patient_name: str = "SYNTHETIC^PHANTOM",
     patient_id: str = "SYNTH0001",
+    window: tuple[float, float] | None = None,
 ) -> list[Path]:
     """Write ``n_slices`` axial HU slices (head last, field of view centred on the
-    patient axis) as CT Image Storage files (PS3.3 A.3); returns the paths."""
+    patient axis) as CT Image Storage files (PS3.3 A.3); returns the paths.
+    ``window``: (center, width) in HU for the VOI LUT Module, none by default."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid(prefix=_ROOT)
@@ -135,6 +137,8 @@ def write_ct_series(
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
         ds.KVP = 120
         ds.AcquisitionNumber = 1
         ds.PositionReferenceIndicator = ""

@@ -20,7 +20,13 @@ from test_encode_seg_sr import _input_from_series, manifest, real, synthetic  # 
 
 from dicomnode.encode.seg import encode_seg, tracking_uid
 from dicomnode.encode.sr import encode_sr
-from dicomnode.encode.sr_regions import MIN_POINTS, densify, outline, representative_slice
+from dicomnode.encode.sr_regions import (
+    MIN_POINTS,
+    densify,
+    outline,
+    representative_slice,
+    total_slice,
+)
 from dicomnode.encode.validate import check_object
 from dicomnode.synthetic import make_ct_series
 
@@ -80,8 +86,14 @@ def test_ohif_shows_every_finding_with_its_measurements(case) -> None:  # type: 
     if "total" in inp.measurements:
         total = shown[-1]
         assert not total.geometric and total.text_lines()[0].startswith("Volume: ")
-        both = inp.labels > 0
-        assert {c.referenced_sop for c in total.coords} == {uids[representative_slice(both)]}
+        own = {representative_slice(inp.labels == lab.value) for lab in labels}
+        k = total_slice(inp.labels, [lab.value for lab in labels], avoid=own)
+        assert {c.referenced_sop for c in total.coords} == {uids[k]}
+        assert k not in own  # both blobs/lungs show on other slices too
+        assert all((inp.labels[k] == lab.value).any() for lab in labels)
+        counts = [(inp.labels[j] > 0).sum() for j in range(len(uids))
+                  if j not in own and all((inp.labels[j] == lab.value).any() for lab in labels)]
+        assert (inp.labels[k] > 0).sum() == max(counts)
 
 
 def pydicom_outline(sr, tracking: str) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
@@ -110,8 +122,9 @@ def test_sr_structure_library_evidence_and_no_hydration(case) -> None:  # type: 
         (area,) = g.get_measurements()
         assert area.name.value == "42798000" and area.unit.value == "mm2" and area.value > 0
         assert g.tracking_uid == seg.SegmentSequence[label.value - 1].TrackingUID
-    drawn = sorted({uids[representative_slice(inp.labels == lab.value)] for lab in inp.manifest.labels}
-                   | {uids[representative_slice(inp.labels > 0)]}, key=uids.index)
+    own = {representative_slice(inp.labels == lab.value) for lab in inp.manifest.labels}
+    k = total_slice(inp.labels, [lab.value for lab in inp.manifest.labels], avoid=own)
+    drawn = sorted({uids[j] for j in own | {k}}, key=uids.index)
     assert image_library(sr) == drawn
     (study,) = sr.CurrentRequestedProcedureEvidenceSequence
     series = {s.SeriesInstanceUID: {r.ReferencedSOPInstanceUID for r in s.ReferencedSOPSequence}

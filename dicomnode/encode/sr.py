@@ -271,7 +271,7 @@ class Drawings:
                 if found is not None:
                     by_label[value] = found
         total: list[tuple[int, Outline]] = []
-        k = total_slice(labels, values)
+        k = total_slice(labels, values, avoid={o.slice_index for o in by_label.values()})
         if k is not None:
             for value in values:
                 found = outline(labels[k] == value, k, spacing(k))

@@ -22,8 +22,10 @@ A closed outline gets at least 6 points (edge midpoints are added to a 4- or
 5-point one): OHIF's SR adapters take a 4/5-point "Image Region" polyline for a
 rectangle tool, which these outlines are not.
 
-The slice that carries most of all labels together is the representative slice of the
-"total" group (:func:`total_slice`), with each label's outline on it.
+The "total" group is drawn on the slice that carries most of all labels together
+(:func:`total_slice`), among the slices that show every label and, where possible,
+not on a single label's own slice (OHIF places every text box beside its outline, so
+two findings outlined on one slice would write their numbers over each other).
 """
 
 from __future__ import annotations
@@ -87,9 +89,26 @@ def densify(points: np.ndarray, minimum: int = MIN_POINTS) -> np.ndarray:
     return pts
 
 
-def total_slice(labels: np.ndarray, values: list[int]) -> int | None:
-    """The representative slice of all ``values`` together."""
-    return representative_slice(np.isin(labels, values))
+def total_slice(labels: np.ndarray, values: list[int], avoid: set[int] | None = None
+                ) -> int | None:
+    """The representative slice of all ``values`` together: the one with most of them
+    among the slices that show every value present, leaving out the slices in ``avoid``
+    (the single structures' own slices, so that a viewer does not write two text boxes
+    at the same place) unless no other slice shows them all."""
+    present = [v for v in values if (labels == v).any()]
+    if not present:
+        return None
+    flat = labels.reshape(labels.shape[0], -1)
+    counts = np.stack([np.count_nonzero(flat == v, axis=1) for v in present])
+    every = np.flatnonzero(counts.min(axis=0) > 0)
+    if len(every) == 0:  # no slice shows them all: the slice with most of them
+        return representative_slice(np.isin(labels, present))
+    preferred = [k for k in every if k not in (avoid or set())]
+    pool = np.array(preferred or every)
+    totals = counts.sum(axis=0)[pool]
+    best = pool[totals == totals.max()]
+    middle = (every[0] + every[-1]) / 2.0
+    return int(best[np.argmin(np.abs(best - middle))])
 
 
 __all__ = ["MIN_POINTS", "Outline", "densify", "outline", "representative_slice", "total_slice"]
