@@ -208,7 +208,7 @@ def measurements(values: dict[str, tuple[float, str]], where: str,
     (TID 300 "INFERRED FROM" TID 320 SCOORDs), given in a different order to each
     measurement (OHIF 3 draws the first SCOORD of each, so every outline is drawn).
     """
-    out = []
+    out: list[hd.sr.Measurement] = []
     for quantity, (value, unit) in values.items():
         if not math.isfinite(float(value)):
             logger.warning("SR: %s %s is %r and is left out (DS cannot encode it)", where, quantity, value)
