@@ -126,6 +126,9 @@ def app_config_js(*, dicomweb_root: str | None = None, prefix: str = PREFIX,
       type=application/octet-stream`` without quotes, as most servers parse it;
     * ``staticWado`` off: the node answers real QIDO-RS queries;
     * no STOW, no reject, no upload from the viewer: it is a reading tool here.
+
+    OHIF's own notice that it is for investigational use stays on (once per browser
+    session), as does its first-visit tour.
     """
     root_js = (json.dumps(dicomweb_root.rstrip("/")) if dicomweb_root
                else f"window.location.origin + {json.dumps(DICOMWEB_PATH)}")
@@ -162,7 +165,6 @@ def app_config_js(*, dicomweb_root: str | None = None, prefix: str = PREFIX,
         "maxNumRequests": {"interaction": 100, "thumbnail": 5, "prefetch": 25},
         "showErrorDetails": "always",
         "defaultDataSourceName": name,
-        "investigationalUseDialog": {"option": "never"},
         "dataSources": [{
             "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
             "sourceName": name,
