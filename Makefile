@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup system-deps bench clean conformance
+.PHONY: run test setup system-deps viewer viewer-if-npm bench clean conformance
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,21 @@ setup: $(STAMP)
 system-deps:
 	bash scripts/install-system-deps
 
-run: setup
+# OHIF at /viewer/: the pinned, integrity-checked @ohif/app dist (scripts/install-viewer)
+viewer:
+	bash scripts/install-viewer
+
+# run/test install the viewer where npm exists; elsewhere they say how and go on
+viewer-if-npm:
+	@if command -v npm >/dev/null 2>&1; then bash scripts/install-viewer || \
+	     echo "warning: OHIF was not installed (see above); the node runs without /viewer/"; \
+	else echo "note: npm not found, so OHIF is not installed (the node runs without /viewer/);"; \
+	     echo "      to add it: sudo apt-get install nodejs npm && make viewer"; fi
+
+run: setup viewer-if-npm
 	$(VENV)/bin/dicomnode serve $(ARGS)
 
-test: setup system-deps
+test: setup system-deps viewer-if-npm
 	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
 

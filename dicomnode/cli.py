@@ -3,6 +3,7 @@
     dicomnode serve [--config FILE] [--aet AET] [--port N] [--bind ADDR] [--storage DIR]
     dicomnode echo HOST PORT [--aet AET] [--aec AET]
     dicomnode send PATH... --to AET@HOST:PORT [--aet AET]
+    dicomnode demo [--to AET@HOST:PORT] [--config FILE]
     dicomnode status [--config FILE] [--storage DIR] [--json]
     dicomnode rules test PATH... [--config FILE]
     dicomnode outbox [--retry] [--destination NAME] [--json]
@@ -118,6 +119,29 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"failed {path}: {why}", file=sys.stderr)
     print(f"sent {report.sent} of {len(files)} instances to {peer}; {len(report.failed)} failed")
     return EXIT_OK if not report.failed else EXIT_FAILURE
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicomnode.demo import http_root, own_address, run_demo
+    from dicomnode.export.dimse import Peer
+    from dicomnode.web.viewer import study_link
+
+    _setup_logging("WARNING")
+    config = _load(args)
+    peer = Peer.parse(args.to) if args.to else own_address(config)
+    print(f"making a synthetic chest CT (no patient data) and sending it to {peer} ...")
+    result = run_demo(peer, calling_ae=args.aet)
+    print(f"sent {result.sent} of {result.instances} instances of study {result.study_uid} "
+          f"(made in {result.seconds_to_make:.1f} s, sent in {result.seconds_to_send:.1f} s)")
+    if result.failed:
+        print(f"{len(result.failed)} failed, e.g. {result.failed[0][1]}", file=sys.stderr)
+        return EXIT_FAILURE
+    root = http_root(config)
+    if root and not args.to:
+        print("when the node has routed and processed it (about a minute):")
+        print(f"  status page: {root}/")
+        print(f"  in OHIF:     {root}{study_link(result.study_uid)}")
+    return EXIT_OK
 
 
 def _ts(value: float | None) -> str:
@@ -463,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--aet", default="DICOMNODE", help="our calling AE title")
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.set_defaults(func=cmd_send)
+
+    de = sub.add_parser("demo", help="send a synthetic chest CT (no patient data) to a node")
+    de.add_argument("--to", metavar="AET@HOST:PORT",
+                    help="default: this node's own address (from --config or the defaults)")
+    de.add_argument("--config", type=Path, help="the node's config file, for its address")
+    de.add_argument("--aet", default="DEMO", help="our calling AE title")
+    de.set_defaults(func=cmd_demo)
 
     st = sub.add_parser("status", help="studies, series and their states")
     st.add_argument("--config", type=Path)

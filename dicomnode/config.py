@@ -268,6 +268,10 @@ class HttpConfig(_Model):
     )
     max_request_mb: float = Field(default=8192, gt=0)
     max_part_mb: float = Field(default=2048, gt=0)
+    viewer_dir: Path | None = Field(
+        default=None, description="installed OHIF build served at /viewer/ (default: the source"
+        " tree's viewer/ohif-<version>, where `make viewer` puts it)"
+    )
 
     @model_validator(mode="after")
     def _tls_complete(self) -> HttpConfig:

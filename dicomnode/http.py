@@ -1,6 +1,6 @@
 """The node's HTTP front door: DICOMweb under /dicom-web, the status page at /
-(:mod:`dicomnode.web.status`), /healthz, /readyz and /metrics for IT's monitoring,
-and, with tokens, /login for browsers.
+(:mod:`dicomnode.web.status`), OHIF at /viewer/ (:mod:`dicomnode.web.viewer`), /healthz,
+/readyz and /metrics for IT's monitoring, and, with tokens, /login for browsers.
 
 Health and metrics carry no patient data and answer without a token (liveness and
 readiness probes, Prometheus scrapers); DICOMweb and the status page need a bearer
@@ -37,6 +37,7 @@ from dicomnode.web.auth import BearerAuth, Gate
 from dicomnode.web.server import ServerHandle, serve_in_thread
 from dicomnode.web.session import LOGIN_PATH, SessionStore, login_routes
 from dicomnode.web.status import StatusPage
+from dicomnode.web.viewer import viewer_routes
 
 
 def make_app(config: NodeConfig, spool: Spool, index: Index, *,
@@ -72,7 +73,7 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
     and has destinations) feed the status page."""
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
-    # browsers (the status page, a viewer) sign in once at /login; the cookie then reads
+    # browsers (the status page, OHIF at /viewer/) sign in once at /login; the cookie then reads
     sessions = SessionStore(tokens) if tokens else None
     dicomweb = make_app(
         config, spool, index, tokens=tokens, public_url=hc.public_url, audit=audit,
@@ -86,6 +87,7 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
                         gate=Gate(tokens, sessions) if tokens else None,
                         login_path=LOGIN_PATH if sessions is not None else None)
     pages = [*(login_routes(sessions, secure_cookie=secure) if sessions is not None else []),
+             *viewer_routes(hc.viewer_dir, dicomweb_root=hc.public_url, sessions=sessions),
              *status.routes()]
 
     def respond(result: tuple[int, bytes, str]) -> Response:

@@ -8,6 +8,7 @@ work on without any downloaded data.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +44,50 @@ def make_ct_series(
     seed: int = 0,
 ) -> list[Path]:
     """Write an axial CT series of ``n_slices`` 16-bit slices; returns the paths."""
+    rng = np.random.default_rng(seed)
+    slices = (_phantom_slice(rows, cols, 2 * i / max(1, n_slices - 1) - 1, rng)
+              for i in range(n_slices))
+    return write_ct_series(
+        out_dir, slices, n_slices=n_slices, rows=rows, cols=cols,
+        pixel_spacing=350.0 / cols, slice_thickness=slice_thickness,
+        study_uid=study_uid, series_uid=series_uid, series_number=series_number,
+    )
+
+
+def write_ct_series(
+    out_dir: Path,
+    slices_hu: Iterable[np.ndarray],
+    *,
+    n_slices: int,
+    rows: int,
+    cols: int,
+    pixel_spacing: float,
+    slice_thickness: float,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_number: int = 1,
+    study_description: str = "SYNTHETIC CHEST",
+    series_description: str | None = None,
+    patient_name: str = "SYNTHETIC^PHANTOM",
+    patient_id: str = "SYNTH0001",
+    window: tuple[float, float] | None = None,
+) -> list[Path]:
+    """Write ``n_slices`` axial HU slices (head last, field of view centred on the
+    patient axis) as CT Image Storage files (PS3.3 A.3); returns the paths.
+    ``window``: (center, width) in HU for the VOI LUT Module, none by default."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     study_uid = study_uid or generate_uid(prefix=_ROOT)
     series_uid = series_uid or generate_uid(prefix=_ROOT)
     frame_uid = generate_uid(prefix=_ROOT)
-    spacing = 350.0 / cols
+    corner = -pixel_spacing * cols / 2.0
     paths = []
-    for i in range(n_slices):
+    for i, hu in enumerate(slices_hu):
+        if i >= n_slices:
+            break
+        if hu.shape != (rows, cols):
+            raise ValueError(f"slices_hu: slice {i} is {hu.shape}, expected {(rows, cols)}")
         z = -n_slices * slice_thickness / 2 + i * slice_thickness
-        hu = _phantom_slice(rows, cols, 2 * i / max(1, n_slices - 1) - 1, rng)
         stored = np.clip(hu + 1024, 0, 4095).astype(np.uint16)
         sop_uid = generate_uid(prefix=_ROOT)
 
@@ -70,8 +104,8 @@ def make_ct_series(
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid
         ds.Modality = "CT"
-        ds.PatientName = "SYNTHETIC^PHANTOM"
-        ds.PatientID = "SYNTH0001"
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
         ds.PatientBirthDate = ""
         ds.PatientSex = "O"
         ds.StudyDate = "20260101"
@@ -81,15 +115,15 @@ def make_ct_series(
         ds.StudyID = "1"
         ds.SeriesNumber = series_number
         ds.InstanceNumber = i + 1
-        ds.StudyDescription = "SYNTHETIC CHEST"
-        ds.SeriesDescription = f"SYNTHETIC AXIAL {slice_thickness:g}mm"
+        ds.StudyDescription = study_description
+        ds.SeriesDescription = series_description or f"SYNTHETIC AXIAL {slice_thickness:g}mm"
         ds.BodyPartExamined = "CHEST"
         ds.Manufacturer = "dicomnode synthetic"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.PatientPosition = "HFS"
-        ds.ImagePositionPatient = [-175.0, -175.0, z]
+        ds.ImagePositionPatient = [corner, corner, z]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [spacing, spacing]
+        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
         ds.SliceThickness = slice_thickness
         ds.SliceLocation = z
         ds.SamplesPerPixel = 1
@@ -103,6 +137,8 @@ def make_ct_series(
         ds.RescaleIntercept = -1024
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
         ds.KVP = 120
         ds.AcquisitionNumber = 1
         ds.PositionReferenceIndicator = ""

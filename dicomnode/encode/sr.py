@@ -17,7 +17,24 @@ with highdicom, whose content is DCMR TID 1500 (PS3.16):
   label's measurements from ``inp.measurements[label.name]``;
 * ``inp.measurements["total"]``, if present, as a TID 1501 group (no single
   segment covers it) with tracking identifier "total" and, as finding sites, the
-  labels' anatomy;
+  labels' anatomy; each of its measurements is "INFERRED FROM" (TID 300/320) the
+  labels' outlines on the slice where they are largest together;
+* per label with voxels, a TID 1410 "Planar ROI Measurements" group: its outline
+  (SCOORD POLYLINE, TID 1410 "Image Region") on its representative slice (the one
+  with most of its voxels, :mod:`dicomnode.encode.sr_regions`) and the area it
+  encloses, with the same tracking identifier and UID as its TID 1411 group (the
+  same finding, drawn where it is largest);
+* an Image Library (TID 1600) entry for every image the outlines lie on; those
+  images are in the evidence too.
+
+Why the planar groups: OHIF 3 (extensions/cornerstone-dicom-sr, 3.13) merges a
+report's groups by Tracking Unique Identifier and draws each merged finding from its
+first SCOORD; a finding with no image coordinate at all stops its SR viewport
+("Cannot read properties of undefined (reading 'ReferencedSOPSequence')"). With the
+planar group every finding has an outline on a referenced image, and OHIF shows
+the TID 1411 measurements (volume, densities) next to it. A label with no voxels and
+no measurements gets no group at all (nothing to report; its SEG segment stays, empty)
+unless no label has any (a report needs one group).
 * same study, new series (``inp.uid("sr", ...)``, Series Number = source + 20000);
   the evidence (Current Requested Procedure Evidence Sequence) is the SEG;
 * a later revision lists the SRs it replaces (``inp.replaces["sr"]``) in the
@@ -51,6 +68,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 
 import highdicom as hd
 import pydicom
@@ -58,9 +76,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicomnode.core.manifest import Manifest
+from dicomnode.core.manifest import Label, Manifest
 from dicomnode.encode import equipment as eq
 from dicomnode.encode.base import EncodeInput, derived_uid
+from dicomnode.encode.gsps import check_labels
 from dicomnode.encode.seg import (
     PRIVATE_SCHEME,
     SEGMENTATION_STORAGE,
@@ -70,11 +89,13 @@ from dicomnode.encode.seg import (
     segment_number_of,
     tracking_uid,
 )
+from dicomnode.encode.sr_regions import Outline, outline, representative_slice, total_slice
 from dicomnode.encode.validate import EncodingError
 
 logger = logging.getLogger(__name__)
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+AREA = codes.SCT.Area  # (42798000, SCT, "Area")
 TOTAL = "total"
 CHEST_BODY_PARTS = frozenset({"CHEST", "LUNG", "THORAX"})
 CT_CHEST = Code("24627-2", "LN", "CT Chest")
@@ -109,10 +130,12 @@ def encode_sr(inp: EncodeInput, seg: Dataset) -> Dataset:
     _check(inp, seg)
     source = pydicom.dcmread(inp.source_paths[0], stop_before_pixels=True)
     source_series = hd.sr.SourceSeriesForSegmentation(inp.series_uid)
+    drawn = Drawings.of(inp)
     groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-                 | hd.sr.MeasurementsAndQualitativeEvaluations] = []
+                 | hd.sr.MeasurementsAndQualitativeEvaluations
+                 | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
     algorithm = eq.sr_algorithm_id(manifest)
-    for label in manifest.labels:
+    for label in drawn.reported_labels(inp):
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(inp, label),
                                                          identifier=label.name),
@@ -136,18 +159,20 @@ def encode_sr(inp: EncodeInput, seg: Dataset) -> Dataset:
                 identifier=TOTAL + " (" + " + ".join(lab.name for lab in manifest.labels) + ")"),
             finding_sites=[hd.sr.FindingSite(site) for site in _anatomy(manifest)] or None,
             algorithm_id=algorithm,
-            measurements=measurements(inp.measurements[TOTAL], TOTAL),
+            measurements=measurements(inp.measurements[TOTAL], TOTAL, drawn.total_outlines()),
         ))
+    groups.extend(drawn.planar_groups(inp, algorithm))
 
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=eq.device_observer(manifest)),
         procedure_reported=procedure_reported(manifest, str(source.get("Modality", ""))),
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
+        referenced_images=drawn.images() or None,
     )
     revision = f" rev {inp.revision}" if inp.revision > 1 else ""
     with quiet_person_name_warning():
-        sr = _document(inp, seg, source, report)
+        sr = _document(inp, seg, source, report, drawn.images())
     sr.SeriesDescription = eq.lo(f"{eq.model_title(manifest)} measurements{revision}")
     sr.ManufacturerModelName = eq.lo(manifest.name)
     # highdicom annotates str | tuple[str]; Software Versions is LO with VM 1-n
@@ -159,9 +184,9 @@ def encode_sr(inp: EncodeInput, seg: Dataset) -> Dataset:
 
 
 def _document(inp: EncodeInput, seg: Dataset, source: Dataset,
-              report: hd.sr.MeasurementReport) -> hd.sr.Comprehensive3DSR:
+              report: hd.sr.MeasurementReport, images: list[Dataset]) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
-        evidence=[seg],
+        evidence=[seg, *images],
         content=report[0],
         series_instance_uid=inp.uid("sr", "series"),
         series_number=eq.series_number(source, "sr"),
@@ -176,16 +201,123 @@ def _document(inp: EncodeInput, seg: Dataset, source: Dataset,
     )
 
 
-def measurements(values: dict[str, tuple[float, str]], where: str) -> list[hd.sr.Measurement]:
-    """TID 1419 measurements of one group, in the model's order."""
-    out = []
+def measurements(values: dict[str, tuple[float, str]], where: str,
+                 outlines: list[tuple[Outline, Dataset]] | None = None) -> list[hd.sr.Measurement]:
+    """TID 1419 / TID 300 measurements of one group, in the model's order.
+
+    ``outlines`` (TID 1501 groups only): the regions each measurement is inferred from
+    (TID 300 "INFERRED FROM" TID 320 SCOORDs), given in a different order to each
+    measurement (OHIF 3 draws the first SCOORD of each, so every outline is drawn).
+    """
+    out: list[hd.sr.Measurement] = []
     for quantity, (value, unit) in values.items():
         if not math.isfinite(float(value)):
             logger.warning("SR: %s %s is %r and is left out (DS cannot encode it)", where, quantity, value)
             continue
         name, derivation = concept(quantity)
-        out.append(hd.sr.Measurement(name=name, value=float(value), unit=ucum(unit), derivation=derivation))
+        coords = None
+        if outlines:
+            n = len(out) % len(outlines)
+            coords = [_coordinates(o, h) for o, h in outlines[n:] + outlines[:n]]
+        out.append(hd.sr.Measurement(name=name, value=float(value), unit=ucum(unit), derivation=derivation,
+                                     referenced_coordinates=coords))
     return out
+
+
+def _coordinates(outline: Outline, image: Dataset) -> hd.sr.CoordinatesForMeasurement:
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline.points,
+        source_image=_source_image(image))
+
+
+def _source_image(image: Dataset) -> hd.sr.SourceImageForRegion:
+    return hd.sr.SourceImageForRegion(referenced_sop_class_uid=str(image.SOPClassUID),
+                                      referenced_sop_instance_uid=str(image.SOPInstanceUID))
+
+
+@dataclass(frozen=True, eq=False)
+class Drawings:
+    """The image geometry of one report (:mod:`dicomnode.encode.sr_regions`): per label
+    with voxels its outline on its representative slice, the outlines on the slice of
+    all labels together (for "total"), and the source headers of those slices."""
+
+    by_label: dict[int, Outline]
+    total: list[tuple[int, Outline]]  # (label value, outline) on the total's slice
+    headers: dict[int, Dataset]  # slice index -> source header
+
+    @classmethod
+    def of(cls, inp: EncodeInput) -> Drawings:
+        labels = check_labels(inp)
+        values = [lab.value for lab in inp.manifest.labels]
+        headers: dict[int, Dataset] = {}
+
+        def header(k: int) -> Dataset:
+            if k not in headers:
+                headers[k] = pydicom.dcmread(inp.source_paths[k], stop_before_pixels=True)
+            return headers[k]
+
+        def spacing(k: int) -> tuple[float, float]:
+            ps = header(k).get("PixelSpacing")
+            if not ps or len(ps) != 2:
+                raise EncodingError([f"source slice {k}: no PixelSpacing, outlines have no size"],
+                                    what="SR input")
+            return float(ps[0]), float(ps[1])
+
+        by_label: dict[int, Outline] = {}
+        for value in values:
+            mask = labels == value
+            k = representative_slice(mask)
+            if k is not None:
+                found = outline(mask[k], k, spacing(k))
+                if found is not None:
+                    by_label[value] = found
+        total: list[tuple[int, Outline]] = []
+        k = total_slice(labels, values, avoid={o.slice_index for o in by_label.values()})
+        if k is not None:
+            for value in values:
+                found = outline(labels[k] == value, k, spacing(k))
+                if found is not None:
+                    total.append((value, found))
+        return cls(by_label, total, headers)
+
+    def images(self) -> list[Dataset]:
+        """The source headers the report draws on, in slice order (its Image Library)."""
+        return [self.headers[k] for k in sorted(self.headers)]
+
+    def reported_labels(self, inp: EncodeInput) -> list[Label]:
+        """Labels that get a volumetric group: each one with voxels or measurements; every
+        label when none has either (a report needs at least one group)."""
+        out = [lab for lab in inp.manifest.labels
+               if lab.value in self.by_label or inp.measurements.get(lab.name)]
+        return out or list(inp.manifest.labels)
+
+    def total_outlines(self) -> list[tuple[Outline, Dataset]]:
+        return [(o, self.headers[o.slice_index]) for _, o in self.total]
+
+    def planar_groups(self, inp: EncodeInput, algorithm: hd.sr.AlgorithmIdentification
+                      ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+        """One TID 1410 group per label with voxels: its outline on its representative
+        slice and the area it encloses; same tracking identifier and UID as the label's
+        volumetric group (the same finding, drawn where it is largest)."""
+        out = []
+        for label in inp.manifest.labels:
+            found = self.by_label.get(label.value)
+            if found is None:
+                continue
+            out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(inp, label),
+                                                             identifier=label.name),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=found.points,
+                    source_image=_source_image(self.headers[found.slice_index])),
+                finding_type=coded(label.type),
+                finding_category=coded(label.category),
+                finding_sites=[hd.sr.FindingSite(coded(label.anatomic_region))]
+                if label.anatomic_region else None,
+                algorithm_id=algorithm,
+                measurements=[hd.sr.Measurement(name=AREA, value=found.area_mm2, unit=ucum("mm2"))],
+            ))
+        return out
 
 
 def concept(quantity: str) -> tuple[Code, Code | None]:
