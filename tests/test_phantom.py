@@ -16,7 +16,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import ROOT, ReferenceSCP, index_query, run_cli
+import yaml
+from conftest import ROOT, index_query, run_cli
 
 from dicomnode.inference.volume import load_series
 from dicomnode.phantom import ChestPhantom, make_chest_phantom
@@ -76,38 +77,33 @@ def test_the_phantom_is_deterministic_and_checks_its_arguments(tmp_path: Path) -
     assert ds.Modality == "CT" and ds.pixel_array.shape == (64, 64)
 
 
-def test_demo_sends_the_phantom_and_the_node_returns_seg_and_sr(node_factory: Any,
-                                                                tmp_path: Path) -> None:
-    scp = ReferenceSCP(tmp_path / "pacs")
-    try:
-        node = node_factory({
-            "models_dir": str(ROOT / "models"),
-            "destinations": [{"name": "pacs", "ae_title": "REFSCP", "host": "127.0.0.1",
-                              "port": scp.port, "objects": ["seg", "sr"]}],
-            "routing": [{"name": "lung", "model": "lung_density", "destinations": ["pacs"],
-                         "match": {"modality": ["CT"], "body_part": "chest",
-                                   "orientation": "axial"}}],
-        }).start(timeout=120)
-        run = run_cli("demo", "--config", str(node.config_path), timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert "sent 120 of 120 instances" in run.stdout
-        study = re.search(r"of study ([0-9.]+)", run.stdout).group(1)  # type: ignore[union-attr]
-        assert f"http://127.0.0.1:{node.http_port}/" in run.stdout
-        assert f"/viewer/viewer?StudyInstanceUIDs={study}" in run.stdout
+def test_demo_sends_the_phantom_and_the_node_returns_seg_and_sr(node_factory: Any) -> None:
+    """The README's first result: a node on its embedded defaults (no routing, no
+    destination in its config) and `dicomnode demo`: the phantom routes to lung_density
+    and its SEG and SR are kept in the node."""
+    node = node_factory({"models_dir": str(ROOT / "models")})
+    settings = dict(node.settings)
+    del settings["routing"]  # the embedded default rule applies
+    node.config_path.write_text(yaml.safe_dump(settings))
+    node.start(timeout=120)
+    run = run_cli("demo", "--config", str(node.config_path), timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "sent 120 of 120 instances" in run.stdout
+    study = re.search(r"of study ([0-9.]+)", run.stdout).group(1)  # type: ignore[union-attr]
+    assert f"http://127.0.0.1:{node.http_port}/" in run.stdout
+    assert f"/viewer/viewer?StudyInstanceUIDs={study}" in run.stdout
 
-        def results() -> list[tuple[Any, ...]]:
-            return index_query(node.storage, "SELECT sop_class_uid, path FROM instances "
-                               "WHERE origin = 'result' AND study_uid = ?", (study,))
-        node.wait_for(lambda: len(results()) >= 2, timeout=240)
-        found = results()
-        sr_path = next(node.storage / p for c, p in found if c.endswith(".88.34"))
-        report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)], copy=True)
-        volumes = {g.tracking_identifier: g.get_measurements()[0].value
-                   for g in report.get_volumetric_roi_measurement_groups()}
-        assert set(volumes) == {"right lung", "left lung"}
-        assert all(2000 < v < 3300 for v in volumes.values()), volumes
-    finally:
-        scp.stop()
+    def results() -> list[tuple[Any, ...]]:
+        return index_query(node.storage, "SELECT sop_class_uid, path FROM instances "
+                           "WHERE origin = 'result' AND study_uid = ?", (study,))
+    node.wait_for(lambda: len(results()) >= 2, timeout=240)
+    found = results()
+    sr_path = next(node.storage / p for c, p in found if c.endswith(".88.34"))
+    report = hd.sr.MeasurementReport.from_sequence([hd.sr.srread(sr_path)], copy=True)
+    volumes = {g.tracking_identifier: g.get_measurements()[0].value
+               for g in report.get_volumetric_roi_measurement_groups()}
+    assert set(volumes) == {"right lung", "left lung"}
+    assert all(2000 < v < 3300 for v in volumes.values()), volumes
 
 
 def test_demo_says_when_nothing_listens(tmp_path: Path) -> None:

@@ -192,8 +192,9 @@ def test_tiny_regions_get_an_outline_ohif_does_not_take_for_a_rectangle(tmp_path
         lab[1:5, 15:25, 18:28] = 2
         return lab
 
-    from dicomnode.core.manifest import load_manifest
     from test_encode_seg_sr import MODEL_DIR
+
+    from dicomnode.core.manifest import load_manifest
 
     inp, _ = _input_from_series(paths, labels, load_manifest(MODEL_DIR))
     sr = encode_sr(inp, encode_seg(inp))

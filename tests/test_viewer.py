@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 from conftest import ROOT, make_series
-from dicomnode.core.index import Index
 
 from dicomnode.config import parse_config
+from dicomnode.core.index import Index
 from dicomnode.errors import InvalidUIDError
 from dicomnode.http import build_app
 from dicomnode.ingest.spool import Spool
