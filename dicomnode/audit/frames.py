@@ -50,7 +50,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, StorageUnavailableError
 
 MAGIC = b"\xd1AUD"
 VERSION = 1
@@ -68,6 +68,13 @@ _SIGN_CONTEXT = b"dicomnode audit checkpoint v1\x00"
 
 class AuditTrailError(DicomNodeError):
     """The audit trail cannot be written or read (in use, writer failed, damaged record)."""
+
+
+class AuditUnavailableError(AuditTrailError, StorageUnavailableError):
+    """The trail cannot write now (disk full, I/O error); the writer retries by itself.
+
+    A :class:`~dicomnode.errors.StorageUnavailableError`: the doors answer it with
+    0xA700 (C-STORE) or 503 (HTTP) and the sender retries later."""
 
 
 # -- frames ------------------------------------------------------------------------

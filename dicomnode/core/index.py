@@ -11,6 +11,11 @@ index runs WAL with ``synchronous=NORMAL``: a commit survives a crash of the
 process (kill -9) at once, and after a power loss or OS crash the node reconciles
 the index with the files at start-up (``dicomnode.ingest.reconcile``). That saves
 an fsync per instance, which on the receive path is the largest single cost.
+
+Audit: an instance row committed with ``audit_pending = 1`` is the durable promise of
+its "DICOM Instances Transferred" record: the receiving session clears it once that
+record is on disk, and a start-up writes the records of rows a crash left pending
+(:meth:`Index.pending_transfers`), so every acknowledged instance gets its record.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dicomnode.core.db import ThreadLocalSQLite
 from dicomnode.core.layout import JobKey, StorageLayout
 from dicomnode.core.records import ResultSet
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -43,7 +48,8 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     path TEXT NOT NULL,
     expected_count INTEGER,
-    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'result'))
+    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'result')),
+    audit_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -153,7 +159,19 @@ class Index:
         self.path = Path(path)
         self._db = ThreadLocalSQLite(self.path, synchronous=synchronous,  # type: ignore[arg-type]
                                      timeout=timeout)
-        self._db.executescript(_SCHEMA + f";PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an index written by an older version up to :data:`SCHEMA_VERSION`."""
+        with self.transaction() as conn:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
+            if "audit_pending" not in columns:  # version 1: transfers recorded at close only
+                conn.execute("ALTER TABLE instances ADD COLUMN audit_pending INTEGER NOT NULL"
+                             " DEFAULT 0")
+            conn.execute("CREATE INDEX IF NOT EXISTS instances_audit_pending ON"
+                         " instances(audit_pending) WHERE audit_pending = 1")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def path_for(storage: Path | str) -> Path:
@@ -195,16 +213,17 @@ class Index:
         )
         return row is not None
 
-    def add_instance(self, rec: InstanceRecord) -> bool:
+    def add_instance(self, rec: InstanceRecord, *, audit_pending: bool = False) -> bool:
         """Record a stored instance and mark its study as receiving.
 
+        ``audit_pending``: its transfer record is owed (see the module's docstring).
         Returns False when the SOP Instance UID was already indexed (nothing changes).
         """
         with self.transaction() as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid,"
                 " series_uid, transfer_syntax, calling_ae, called_ae, size, received_at, path,"
-                " expected_count, origin) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " expected_count, origin, audit_pending) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     rec.sop_instance_uid,
                     rec.sop_class_uid,
@@ -218,6 +237,7 @@ class Index:
                     rec.path,
                     rec.expected_count,
                     rec.origin,
+                    1 if audit_pending else 0,
                 ),
             )
             if cur.rowcount == 0 or rec.origin != "received":
@@ -230,6 +250,18 @@ class Index:
                 (rec.study_uid, rec.received_at, rec.received_at, rec.calling_ae),
             )
         return True
+
+    def transfers_recorded(self, sop_instance_uids: list[str]) -> None:
+        """The transfer records of these instances are on disk: nothing owed any more."""
+        with self.transaction() as conn:
+            conn.executemany("UPDATE instances SET audit_pending = 0 WHERE sop_instance_uid = ?"
+                             " AND audit_pending = 1", [(u,) for u in sop_instance_uids])
+
+    def pending_transfers(self) -> list[StoredInstance]:
+        """Instances whose transfer record is still owed (a crash came first), oldest first."""
+        rows = self._conn().execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE audit_pending = 1 ORDER BY id")
+        return [_stored(r) for r in rows]
 
     def record_results(self, result_set: ResultSet, instances: list[InstanceRecord]) -> None:
         """Index the objects a job made (origin 'result', so that QIDO-RS/WADO-RS serve
