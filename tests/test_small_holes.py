@@ -20,7 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import ROOT, dataset_bytes, index_query, make_series, storescu, stored_path, uids
+from conftest import ROOT, dataset_bytes, index_query, make_series, stored_path, storescu, uids
 from tmpfs import fill, small_tmpfs
 
 from dicomnode.config import CompletionConfig, parse_config

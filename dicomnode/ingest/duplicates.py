@@ -85,6 +85,7 @@ def _same_attributes(stored: Path, transfer_syntax: str, dataset: memoryview | N
     import pydicom
 
     held = pydicom.dcmread(stored, stop_before_pixels=True)
+    new: Dataset
     if file is not None:
         new = pydicom.dcmread(file, stop_before_pixels=True)
     else:

@@ -241,7 +241,7 @@ class StoreSCP:
             if self._on_released is not None:
                 self._on_released()
 
-    def _handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
         with self._in_flight_cv:
             self._in_flight += 1
         try:
