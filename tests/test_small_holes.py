@@ -20,7 +20,16 @@ from typing import Any
 import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import ROOT, dataset_bytes, index_query, make_series, stored_path, storescu, uids
+from conftest import (
+    ROOT,
+    dataset_bytes,
+    index_query,
+    make_series,
+    run_cli,
+    stored_path,
+    storescu,
+    uids,
+)
 from tmpfs import fill, small_tmpfs
 
 from dicomnode.config import CompletionConfig, parse_config
@@ -226,6 +235,8 @@ def test_world_readable_tls_key_is_refused(node_factory: Any, tmp_path: Path,
         from conftest import free_port
         settings["ingest"]["tls"]["port"] = free_port()  # type: ignore[index]
     node = node_factory(settings)
+    check = run_cli("config", "check", str(node.config_path))
+    assert check.returncode == 2 and f"{where}.keyfile" in check.stderr, check.stderr
     with pytest.raises(RuntimeError) as info:
         node.start()
     text = str(info.value)

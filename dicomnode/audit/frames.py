@@ -26,7 +26,10 @@ All integers are big-endian. Types:
   and previous hash; its seq is the seq of the record it covers (checkpoints take no
   number of their own); the key ID names the signing key (``s1``);
 * 3 control: body = plain JSON written by the trail itself (no patient data): at each
-  start-up ``{"event": "open", "recovered": [torn tails...], "previous_closed": bool}``.
+  start-up ``{"event": "open", "recovered": [torn tails...], "previous_closed": bool}``;
+  after a write failure the writer overcame without a restart ``{"event":
+  "write_failed", "error": ..., "held_from_seq": n}`` (records from ``n`` on were held in
+  memory and written once the trail could be written again).
 
 Data and control records are numbered 1, 2, 3, ... without gaps, across segments and
 restarts. The trailing hash is both the frame's checksum (a torn or damaged frame does
