@@ -177,6 +177,12 @@ def test_resend_with_same_uid_and_other_content_is_refused(node_factory: Any,
     assert again.returncode == 0 and "Success" in again.stdout + again.stderr
     status, body = _stow(node.http_port, original)
     assert status == 200, body
+    implicit = tmp_path / "implicit.dcm"  # the same content, re-encoded, over STOW-RS
+    ds = pydicom.dcmread(original)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(implicit, implicit_vr=True, little_endian=True)
+    status, body = _stow(node.http_port, implicit)
+    assert status == 200, body
     assert dataset_bytes(target) == dataset_bytes(original)
     rows = index_query(node.storage, "SELECT count(*) FROM instances")[0][0]
     assert rows == len(files)

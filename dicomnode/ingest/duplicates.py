@@ -19,6 +19,7 @@ import io
 import logging
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
@@ -46,7 +47,7 @@ def same_content(stored: Path, transfer_syntax: str, dataset: memoryview | None 
         held_ts, held_offset = dataset_offset(stored)
         if held_ts == transfer_syntax:
             return _same_bytes(stored, held_offset, dataset, file, offset)
-        return _same_attributes(stored, transfer_syntax, dataset, file)
+        return _same_attributes(stored, transfer_syntax, dataset, file, offset)
     except Exception as exc:  # noqa: BLE001 - cannot tell: treat as different (refused)
         LOG.warning("cannot compare a re-sent instance with the one held: %s",
                     type(exc).__name__)
@@ -81,28 +82,30 @@ def _same_bytes(stored: Path, held_offset: int, dataset: memoryview | None,
 
 
 def _same_attributes(stored: Path, transfer_syntax: str, dataset: memoryview | None,
-                     file: Path | None) -> bool:
+                     file: Path | None, offset: int) -> bool:
     import pydicom
 
     held = pydicom.dcmread(stored, stop_before_pixels=True)
-    new: Dataset
     if file is not None:
-        new = pydicom.dcmread(file, stop_before_pixels=True)
+        with file.open("rb") as f:
+            f.seek(offset)
+            new = _parse(f, transfer_syntax)
     else:
         assert dataset is not None
-        new = _parse(bytes(dataset), transfer_syntax)
+        new = _parse(io.BytesIO(dataset), transfer_syntax)
     return _equal(held, new, top=True)
 
 
-def _parse(data: bytes, transfer_syntax: str) -> Dataset:
-    """A data set without file meta, in ``transfer_syntax`` (PS3.5 A), up to its pixels."""
+def _parse(fp: BinaryIO, transfer_syntax: str) -> Dataset:
+    """A data set without file meta read from ``fp`` in ``transfer_syntax`` (PS3.5 A),
+    up to its pixels."""
     from pydicom.filereader import read_dataset
-    from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+    from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
     uid = UID(transfer_syntax)
     if uid == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompress(data, -zlib.MAX_WBITS)
-    return read_dataset(io.BytesIO(data), uid.is_implicit_VR, uid != ExplicitVRBigEndian,
+        fp = io.BytesIO(zlib.decompress(fp.read(), -zlib.MAX_WBITS))
+    return read_dataset(fp, uid.is_implicit_VR, uid.is_little_endian,
                         stop_when=lambda tag, vr, length: int(tag) in _PIXEL_TAGS)
 
 
