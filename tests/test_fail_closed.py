@@ -29,6 +29,7 @@ from conftest import (
     uids,
 )
 from tmpfs import fill, small_tmpfs
+from tmpfs import free as free_bytes
 
 _SENDING = re.compile(r"Sending file: (.+)$")
 
@@ -159,3 +160,60 @@ def test_kill9_mid_association_every_acknowledged_instance_has_its_record(
     restarted = [r for r in mine if "start-up" in json.dumps(r["event"]["EventIdentification"])]
     assert restarted, "no record written at start-up for the instances the crash left owed"
     verify(node)
+
+
+def _post_stream(port: int, head: bytes, chunks: int, chunk: bytes, tail: bytes) -> bytes:
+    """POST over a raw socket, stopping when the node answers or closes; its answer."""
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        s.sendall(head)
+        try:
+            for _ in range(chunks):
+                s.sendall(chunk)
+            s.sendall(tail)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the node answered and closed before the whole body was sent
+        s.settimeout(30)
+        answer = b""
+        try:
+            while len(answer) < 65536 and (data := s.recv(65536)):
+                answer += data
+                if b"\r\n\r\n" in answer:
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return answer
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(180)
+def test_stow_part_is_stopped_at_the_disk_guard_not_at_a_full_disk(node_factory: Any,
+                                                                   tmp_path: Path) -> None:
+    """A 160 MB part into a 64 MB file system whose guard keeps 24 MB free: refused with
+    503 by the guard while it is being written, before the disk is full."""
+    with small_tmpfs(tmp_path / "fs", "64m") as fs:
+        node = node_factory({"storage": str(fs / "storage"),
+                             "retention": {"min_free_gb": 0.024}})
+        node.storage = fs / "storage"
+        node.start()
+        try:
+            boundary = b"gu4rd"
+            first = b"--" + boundary + b"\r\nContent-Type: application/dicom\r\n\r\n"
+            chunk = b"\0" * (1 << 20)
+            tail = b"\r\n--" + boundary + b"--\r\n"
+            size = len(first) + 160 * len(chunk) + len(tail)
+            head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{node.http_port}\r\n"
+                    f'Content-Type: multipart/related; type="application/dicom"; boundary='
+                    f"{boundary.decode()}\r\nContent-Length: {size}\r\n\r\n").encode() + first
+            answer = _post_stream(node.http_port, head, 160, chunk, tail)
+            assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+            log = node.log()
+            assert "cannot store the upload now: disk nearly full" in log, log[-3000:]
+            assert "No space left on device" not in log
+            node.wait_for(lambda: not list((node.storage / "tmp").iterdir()), timeout=10)
+            assert free_bytes(fs) > 24_000_000  # the guard's margin was never eaten
+        finally:
+            assert node.stop() == 0

@@ -78,7 +78,8 @@ class StowRs:
                 return error(400, "invalid Content-Length")
         parser = MultipartParser(
             boundary, self.admission.spool.tmp, max_part_bytes=self.limits.max_part_bytes,
-            max_parts=self.limits.max_parts, room=self.admission.disk_guard.check,
+            max_parts=self.limits.max_parts,
+            room=lambda: self.admission.disk_guard.check(fresh=True),
         )
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
