@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -443,7 +444,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from dicomnode.core.tls import check_key_file
+
     config = load_config(args.file)
+    problems: list[tuple[str, str]] = []
+    for setting, path in _private_keys(config):  # those on this machine, as the node will
+        if path is not None and Path(path).exists():
+            try:
+                check_key_file(path, setting)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(str(args.file), problems)
     print(f"{args.file}: OK (AE {config.ae_title} on {config.bind_address}:{config.port}, "
           f"storage {config.storage})")
     return EXIT_OK
@@ -458,6 +470,21 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     print(f"# effective configuration of dicomnode {__version__}, from {source}")
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     return EXIT_OK
+
+
+def _private_keys(config: NodeConfig) -> list[tuple[str, str | Path | None]]:
+    """Every private key file the config names, with its setting."""
+    keys: list[tuple[str, str | Path | None]] = [("http.keyfile", config.http.keyfile)]
+    if config.ingest.tls is not None:
+        keys.append(("ingest.tls.keyfile", config.ingest.tls.keyfile))
+    for i, dest in enumerate(config.destinations):
+        if dest.tls is not None:
+            keys.append((f"destinations.{i}.tls.keyfile", dest.tls.keyfile))
+    fc = config.audit.forward
+    if fc is not None:
+        keys.append(("audit.forward.keyfile", fc.keyfile) if fc.keyfile is not None
+                    else ("audit.forward.certfile", fc.certfile))
+    return keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -574,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(0o077)  # whatever the node or a command writes is owner-only (patient data)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from dicomnode.config_http import HttpConfig as HttpConfig  # re-exported: one config API
+from dicomnode.config_http import HttpToken as HttpToken
 from dicomnode.core.uids import is_uid
 from dicomnode.errors import ConfigError
 
@@ -232,53 +234,6 @@ class ExportConfig(_Model):
     def _ordered(self) -> ExportConfig:
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("retry_max_seconds must be at least retry_base_seconds")
-        return self
-
-
-class HttpToken(_Model):
-    """A bearer token allowed on the HTTP API, stored only as its SHA-256 (hex).
-
-    Make one with: python -c "import hashlib,secrets; t=secrets.token_urlsafe(32);
-    print(t, hashlib.sha256(t.encode()).hexdigest())"
-    """
-
-    name: str = Field(min_length=1, max_length=64)
-    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
-
-
-class HttpConfig(_Model):
-    """The HTTP front door: DICOMweb (STOW-RS, QIDO-RS, WADO-RS), /healthz, /readyz, /metrics.
-
-    Loopback by default; bind another address only with tokens (and HTTPS) set.
-    """
-
-    enabled: bool = True
-    bind_address: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port (logged)")
-    tokens: tuple[HttpToken, ...] = Field(
-        default=(), description="when non-empty, DICOMweb requests need one of these bearer tokens"
-    )
-    certfile: Path | None = Field(default=None, description="HTTPS certificate chain")
-    keyfile: Path | None = None
-    ca_file: Path | None = Field(default=None, description="CA for client certificates (mTLS)")
-    require_client_cert: bool = False
-    public_url: str | None = Field(default=None, description="DICOMweb root as clients see it")
-    cors_origins: tuple[str, ...] = Field(
-        default=(), description="browser origins allowed to call DICOMweb (e.g. an OHIF viewer)"
-    )
-    max_request_mb: float = Field(default=8192, gt=0)
-    max_part_mb: float = Field(default=2048, gt=0)
-    viewer_dir: Path | None = Field(
-        default=None, description="installed OHIF build served at /viewer/ (default: the source"
-        " tree's viewer/ohif-<version>, where `make viewer` puts it)"
-    )
-
-    @model_validator(mode="after")
-    def _tls_complete(self) -> HttpConfig:
-        if (self.certfile is None) != (self.keyfile is None):
-            raise ValueError("certfile and keyfile go together")
-        if self.require_client_cert and (self.ca_file is None or self.certfile is None):
-            raise ValueError("require_client_cert needs certfile, keyfile and ca_file")
         return self
 
 

@@ -346,8 +346,11 @@ def configuration() -> str:
     add(NodeConfig, "", ("ae_title", "bind_address", "port", "allowed_callers", "destinations"))
     add(IngestConfig, "ingest.")
     add(TlsConfig, "ingest.tls.")
-    add(HttpConfig, "http.", ("enabled", "bind_address", "port", "tokens", "certfile", "keyfile",
-                              "ca_file", "require_client_cert", "max_request_mb", "max_part_mb"))
+    add(HttpConfig, "http.", ("enabled", "bind_address", "port", "tokens", "metrics_tokens",
+                              "allow_unauthenticated", "allowed_hosts", "certfile", "keyfile",
+                              "ca_file", "require_client_cert", "max_request_mb", "max_part_mb",
+                              "header_timeout_seconds", "body_timeout_seconds",
+                              "max_connections"))
     return _table(("Setting", "Default", "Meaning"), rows)
 
 

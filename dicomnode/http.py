@@ -2,10 +2,21 @@
 (:mod:`dicomnode.web.status`), OHIF at /viewer/ (:mod:`dicomnode.web.viewer`), /healthz,
 /readyz and /metrics for IT's monitoring, and, with tokens, /login for browsers.
 
-Health and metrics carry no patient data and answer without a token (liveness and
-readiness probes, Prometheus scrapers); DICOMweb and the status page need a bearer
-token (or, for a browser, the session cookie /login gives for one) whenever the config
-lists any. HTTPS (and client certificates) when the config names them.
+* DICOMweb, the status page and the viewer need a bearer token (or, for a browser, the
+  session cookie /login gives for one) whenever the config lists any (and the config
+  refuses a non-loopback address without them: :mod:`dicomnode.config_http`).
+* ``/healthz`` and ``/readyz`` answer without a token (probes); they carry no patient
+  data and name no caller.
+* ``/metrics`` needs a token (``http.tokens`` or ``http.metrics_tokens``) whenever any is
+  configured; without tokens (the loopback default) it answers, but lists no calling
+  AE title.
+* Every path but the probes checks the Host header against the names the node answers
+  to (loopback names, the bind address, ``public_url``'s host, ``http.allowed_hosts``):
+  400 otherwise, so a DNS-rebinding page cannot read from the loopback default, and no
+  foreign host reaches the URLs written into responses.
+* uvicorn runs with head and body deadlines and a connection cap
+  (:mod:`dicomnode.web.protocol`). HTTPS (and client certificates) when the config
+  names them; the private key must be owner-only (:func:`dicomnode.core.tls.check_key_file`).
 """
 
 from __future__ import annotations
@@ -26,18 +37,24 @@ from starlette.types import ASGIApp
 from dicomnode.audit.recorder import Audit
 from dicomnode.config import NodeConfig
 from dicomnode.core.index import Index
+from dicomnode.core.tls import check_key_file
 from dicomnode.export.outbox import Outbox
 from dicomnode.ingest.admission import Admission
+from dicomnode.ingest.diskguard import DiskGuard
 from dicomnode.ingest.spool import Spool
 from dicomnode.ingest.stow import StowLimits, StowRs
 from dicomnode.metrics import Metrics, health_response, liveness_checks, readiness_checks
 from dicomnode.queue.base import JobQueue
 from dicomnode.web.app import STUDIES, guarded, read_routes
-from dicomnode.web.auth import BearerAuth, Gate
+from dicomnode.web.auth import BearerAuth, Gate, HostGuard, Tokens, unauthorized
+from dicomnode.web.protocol import ConnectionLimits
 from dicomnode.web.server import ServerHandle, serve_in_thread
 from dicomnode.web.session import LOGIN_PATH, SessionStore, login_routes
 from dicomnode.web.status import StatusPage
 from dicomnode.web.viewer import viewer_routes
+
+#: Paths every prober may ask, under any Host name and without a token.
+PROBES = ("/healthz", "/readyz")
 
 
 def make_app(config: NodeConfig, spool: Spool, index: Index, *,
@@ -94,22 +111,32 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
         status, body, ctype = result
         return Response(body, status_code=status, media_type=ctype)
 
+    rc = config.retention
+    disk = DiskGuard(config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
+    audit_health = audit.health if audit is not None and audit.enabled else None
+
     async def healthz(request: Request) -> Response:
         return respond(health_response(liveness_checks()))
 
     async def readyz(request: Request) -> Response:
-        checks = readiness_checks(config.storage, databases=databases, scheduler=scheduler)
+        checks = readiness_checks(config.storage, databases=databases, scheduler=scheduler,
+                                  audit=audit_health, disk=disk.check)
         return respond(health_response(checks))
 
+    metrics_tokens = Tokens(t.sha256 for t in (*hc.tokens, *hc.metrics_tokens))
+
     async def metrics_endpoint(request: Request) -> Response:
-        body, ctype = metrics.render()
+        if metrics_tokens and not metrics_tokens.accept(request.scope):
+            return unauthorized()
+        body, ctype = metrics.render(callers=bool(metrics_tokens))
         return Response(body, media_type=ctype)
 
-    middleware = []
+    middleware = [Middleware(HostGuard, allowed=hc.hosts, open_paths=PROBES)]
     if hc.cors_origins:  # a viewer (e.g. OHIF) served from another origin
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(hc.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
+            allow_credentials=hc.cors_allow_credentials,
         ))
     return Starlette(routes=[
         Route("/healthz", healthz),
@@ -124,9 +151,14 @@ def start_http(config: NodeConfig, app: Starlette) -> ServerHandle:
     hc = config.http
     tls: dict[str, Any] | None = None
     if hc.certfile is not None:
+        assert hc.keyfile is not None
+        check_key_file(hc.keyfile, "http.keyfile")
         tls = {"ssl_certfile": str(hc.certfile), "ssl_keyfile": str(hc.keyfile)}
         if hc.ca_file is not None:
             tls["ssl_ca_certs"] = str(hc.ca_file)
             tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED if hc.require_client_cert \
                 else ssl.CERT_OPTIONAL
-    return serve_in_thread(app, hc.bind_address, hc.port, tls)
+    limits = ConnectionLimits(hc.header_timeout_seconds, hc.body_timeout_seconds,
+                              hc.max_connections)
+    return serve_in_thread(app, hc.bind_address, hc.port, tls, limits=limits,
+                           keep_alive=hc.keep_alive_seconds)

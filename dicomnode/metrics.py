@@ -23,7 +23,8 @@ Health: :func:`health` runs named checks (each ``() -> (ok, detail)``), never
 raises, and :func:`health_response` turns the result into an HTTP status and
 JSON body. ``/healthz`` is liveness (no checks: the process answered);
 ``/readyz`` runs :func:`readiness_checks` (storage writable, databases answer,
-scheduler running).
+scheduler running, audit trail writable, disk above the guard). Their details name
+folders, files and causes, never a patient or a caller.
 """
 
 from __future__ import annotations
@@ -301,9 +302,43 @@ class Metrics:
 
     # -- endpoint ---------------------------------------------------------------
 
-    def render(self) -> tuple[bytes, str]:
-        """The body and Content-Type of a ``/metrics`` response."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, *, callers: bool = True) -> tuple[bytes, str]:
+        """The body and Content-Type of a ``/metrics`` response.
+
+        ``callers=False`` (an unauthenticated scrape): no calling AE title is listed;
+        the series that carry one are summed over it (``calling_ae`` dropped)."""
+        if callers:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(_WithoutLabel(self.registry, "calling_ae")), CONTENT_TYPE_LATEST
+
+
+class _WithoutLabel(Collector):
+    """The families of ``registry`` with ``label`` dropped and the samples summed over it."""
+
+    def __init__(self, registry: CollectorRegistry, label: str) -> None:
+        self.registry = registry
+        self.label = label
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            if not any(self.label in s.labels for s in family.samples):
+                yield family
+                continue
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in family.samples:
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items()
+                                      if k != self.label))
+                key = (sample.name, labels)
+                if key not in sums:
+                    sums[key] = sample.value
+                elif sample.name.endswith("_created"):  # a time: the earliest, not a sum
+                    sums[key] = min(sums[key], sample.value)
+                else:
+                    sums[key] += sample.value
+            for (name, labels), value in sums.items():
+                out.add_sample(name, dict(labels), value)
+            yield out
 
 
 # -- health ----------------------------------------------------------------------
@@ -415,8 +450,11 @@ def check_scheduler(scheduler: Any) -> Check:
 
 
 def readiness_checks(storage: Path | str, *, databases: Iterable[Path | str] = (),
-                     scheduler: Any = None) -> dict[str, Check]:
-    """The ``/readyz`` checks: storage writable, each database answers, scheduler runs.
+                     scheduler: Any = None, audit: Check | None = None,
+                     disk: Check | None = None) -> dict[str, Check]:
+    """The ``/readyz`` checks: storage writable, each database answers, scheduler runs,
+    and, when given, the audit trail writable (``audit``: the recorder's ``health``; the
+    node refuses new work while it is not) and free disk above the guard (``disk``).
 
     E.g. ``readiness_checks(cfg.storage, databases=[Index.path_for(cfg.storage),
     SQLiteJobQueue.path_for(cfg.storage)], scheduler=lambda: node.scheduler)``.
@@ -426,6 +464,10 @@ def readiness_checks(storage: Path | str, *, databases: Iterable[Path | str] = (
         checks[f"db:{Path(db).name}"] = check_sqlite(db)
     if scheduler is not None:
         checks["scheduler"] = check_scheduler(scheduler)
+    if audit is not None:
+        checks["audit"] = audit
+    if disk is not None:
+        checks["disk"] = disk
     return checks
 
 

@@ -40,6 +40,7 @@ from dicomnode.ingest.completion import CompletionSink, CompletionTracker, Loggi
 from dicomnode.ingest.reconcile import backfill_attributes, reconcile
 from dicomnode.ingest.scp import StoreSCP
 from dicomnode.ingest.spool import Spool
+from dicomnode.ingest.transfers import record_pending_transfers
 from dicomnode.metrics import Metrics
 from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
@@ -49,6 +50,27 @@ from dicomnode.worker.inference import InferenceWorker
 from dicomnode.worker.pool import ModelPool
 
 LOG = logging.getLogger(__name__)
+
+
+def owner_only() -> int:
+    """Files and folders the process creates from now on are owner-only (umask 077): the
+    index, the job and outbox databases (and SQLite's -wal/-shm files), spool files,
+    results, logs of third-party writers. Patient data is never readable by other local
+    users, whatever umask the node was started with (``make run`` inherits 022).
+    Returns the previous umask."""
+    return os.umask(0o077)
+
+
+def restrict_folder(path: Path) -> None:
+    """Make the storage folder owner-only (0700) if group or others may enter it: files
+    an earlier version or another umask left readable become unreachable for them."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, 0o700)
+            LOG.warning("storage folder %s was %o; made it owner-only (700)", path, mode)
+    except OSError as exc:
+        LOG.warning("cannot make the storage folder %s owner-only: %s", path, exc.strerror)
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -90,6 +112,7 @@ class Node:
         self._workers: list[subprocess.Popen[bytes]] = []
         self._stop = threading.Event()
         self._stopping = False
+        self._umask: int | None = None
         self._running_marker: Path | None = None
         self.layout = StorageLayout(config.storage)
 
@@ -97,8 +120,10 @@ class Node:
 
     def startup(self) -> None:
         cfg = self.config
+        self._umask = owner_only()
         layout = self.layout = StorageLayout(cfg.storage)
         layout.root.mkdir(parents=True, exist_ok=True)
+        restrict_folder(layout.root)
         self.audit = open_audit(cfg, "node", forward=True)
         self.audit.record(events.config_loaded, str(self.config_source), True)
         self.spool = Spool(layout.root)
@@ -113,7 +138,9 @@ class Node:
             LOG.warning("the previous run did not shut down cleanly; checking the index")
             reconcile(self.index, self.spool)
         backfill_attributes(self.index, self.spool)  # an index from before schema 2
-        fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT, 0o640)
+        # transfer records a crash left owed (every acknowledged instance gets one)
+        record_pending_transfers(self.index, layout.root, self.audit, cfg.ae_title)
+        fd = os.open(self._running_marker, os.O_WRONLY | os.O_CREAT, 0o600)
         os.fsync(fd)
         os.close(fd)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -361,5 +388,7 @@ class Node:
                     self._running_marker.unlink()
             except OSError:
                 pass
+        if self._umask is not None:
+            os.umask(self._umask)
         LOG.info("shut down cleanly")
 

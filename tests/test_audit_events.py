@@ -459,6 +459,7 @@ def _make_certs(folder: Path) -> Certs:
         path.write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
+        path.chmod(0o600)  # the node refuses a private key that group or others may read
         return path
 
     def write_cert(cert: x509.Certificate, path: Path) -> Path:

@@ -59,6 +59,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.TraditionalOpenSSL,
                                        serialization.NoEncryption()))
+    path.chmod(0o600)  # the node refuses a private key that group or others may read
 
 
 def _cert(subject: str, key: Any, issuer: str, issuer_key: Any, *, ca: bool = False,

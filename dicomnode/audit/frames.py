@@ -26,7 +26,10 @@ All integers are big-endian. Types:
   and previous hash; its seq is the seq of the record it covers (checkpoints take no
   number of their own); the key ID names the signing key (``s1``);
 * 3 control: body = plain JSON written by the trail itself (no patient data): at each
-  start-up ``{"event": "open", "recovered": [torn tails...], "previous_closed": bool}``.
+  start-up ``{"event": "open", "recovered": [torn tails...], "previous_closed": bool}``;
+  after a write failure the writer overcame without a restart ``{"event":
+  "write_failed", "error": ..., "held_from_seq": n}`` (records from ``n`` on were held in
+  memory and written once the trail could be written again).
 
 Data and control records are numbered 1, 2, 3, ... without gaps, across segments and
 restarts. The trailing hash is both the frame's checksum (a torn or damaged frame does
@@ -50,7 +53,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from dicomnode.errors import DicomNodeError
+from dicomnode.errors import DicomNodeError, StorageUnavailableError
 
 MAGIC = b"\xd1AUD"
 VERSION = 1
@@ -68,6 +71,13 @@ _SIGN_CONTEXT = b"dicomnode audit checkpoint v1\x00"
 
 class AuditTrailError(DicomNodeError):
     """The audit trail cannot be written or read (in use, writer failed, damaged record)."""
+
+
+class AuditUnavailableError(AuditTrailError, StorageUnavailableError):
+    """The trail cannot write now (disk full, I/O error); the writer retries by itself.
+
+    A :class:`~dicomnode.errors.StorageUnavailableError`: the doors answer it with
+    0xA700 (C-STORE) or 503 (HTTP) and the sender retries later."""
 
 
 # -- frames ------------------------------------------------------------------------

@@ -40,10 +40,17 @@ def open_audit(config: NodeConfig, chain: str, *, forward: bool = False) -> Audi
     from dicomnode.audit.model import NodeIdentity
     from dicomnode.audit.trail import AuditTrail
 
+    fc = config.audit.forward
+    if forward and fc is not None:  # refuse a readable private key before opening anything
+        from dicomnode.core.tls import check_key_file
+
+        if fc.keyfile is not None:
+            check_key_file(fc.keyfile, "audit.forward.keyfile")
+        elif fc.certfile is not None:  # the private key is in the certificate file
+            check_key_file(fc.certfile, "audit.forward.certfile")
     keyring = open_keyring(config)
     trail = AuditTrail(Path(config.audit_folder) / chain, keyring)
     forwarder = None
-    fc = config.audit.forward
     if forward and fc is not None:
         from dicomnode.audit.forward import Forwarder
 

@@ -4,16 +4,23 @@ Each store keeps one connection per thread (sqlite3 connections must not be used
 by two threads at once), in WAL mode so that readers never block the writer and
 several processes may share a file. Connections of threads that have finished
 (e.g. a lease heartbeat per job) are closed when the next one is opened.
+
+The database files (and SQLite's ``-wal`` and ``-shm``, which take the database's mode)
+are made owner-only when first opened, whatever the umask: they hold patient data.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
+
+LOG = logging.getLogger(__name__)
 
 
 class ThreadLocalSQLite:
@@ -30,6 +37,7 @@ class ThreadLocalSQLite:
         self._all: dict[threading.Thread, sqlite3.Connection] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._restricted = False
 
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use)."""
@@ -43,12 +51,27 @@ class ThreadLocalSQLite:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
+            if not self._restricted:
+                self._restricted = True
+                self._restrict()
             self._local.conn = conn
             with self._lock:
                 for thread in [t for t in self._all if not t.is_alive()]:
                     _close_quietly(self._all.pop(thread))
                 self._all[threading.current_thread()] = conn
         return conn
+
+    def _restrict(self) -> None:
+        """chmod 600 the database and its -wal/-shm files where group or others may read."""
+        for path in (self.path, self.path.with_name(self.path.name + "-wal"),
+                     self.path.with_name(self.path.name + "-shm")):
+            try:
+                if os.stat(path).st_mode & 0o077:
+                    os.chmod(path, 0o600)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                LOG.warning("cannot make %s owner-only: %s", path.name, exc.strerror)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -11,6 +11,11 @@ index runs WAL with ``synchronous=NORMAL``: a commit survives a crash of the
 process (kill -9) at once, and after a power loss or OS crash the node reconciles
 the index with the files at start-up (``dicomnode.ingest.reconcile``). That saves
 an fsync per instance, which on the receive path is the largest single cost.
+
+Audit: an instance row committed with ``audit_pending = 1`` is the durable promise of
+its "DICOM Instances Transferred" record: the receiving session clears it once that
+record is on disk, and a start-up writes the records of rows a crash left pending
+(:meth:`Index.pending_transfers`), so every acknowledged instance gets its record.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from dicomnode.core.records import ResultSet
 from dicomnode.core.search import Search, search, withdrawn_among
 
 #: 1: instances, studies, completions, result sets; 2: the QIDO-RS attributes
-#: (dicomnode.core.attributes), migrated in place from 1
-SCHEMA_VERSION = 2
+#: (dicomnode.core.attributes); 3: transfer records owed per instance (audit_pending).
+#: Migrated in place, by steps that look at what is there (both 2s of the branches that
+#: introduced them upgrade to 3).
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -53,7 +60,8 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     path TEXT NOT NULL,
     expected_count INTEGER,
-    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'result'))
+    origin TEXT NOT NULL DEFAULT 'received' CHECK (origin IN ('received', 'result')),
+    audit_pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
@@ -154,15 +162,17 @@ def _stored(row: tuple[Any, ...]) -> StoredInstance:
 _INSERT = (
     "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid,"
     " transfer_syntax, calling_ae, called_ae, size, received_at, path, expected_count, origin,"
-    " instance_number, n_rows, n_columns, n_frames, attributes)"
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " audit_pending, instance_number, n_rows, n_columns, n_frames, attributes)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
-def _insert_values(rec: InstanceRecord, origin: str) -> tuple[Any, ...]:
+def _insert_values(rec: InstanceRecord, origin: str, audit_pending: bool = False
+                   ) -> tuple[Any, ...]:
     return (rec.sop_instance_uid, rec.sop_class_uid, rec.study_uid, rec.series_uid,
             rec.transfer_syntax, rec.calling_ae, rec.called_ae, rec.size, rec.received_at,
-            rec.path, rec.expected_count, origin, *instance_values(rec.attributes))
+            rec.path, rec.expected_count, origin, 1 if audit_pending else 0,
+            *instance_values(rec.attributes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,13 +237,20 @@ class Index:
 
     def _migrate(self) -> None:
         """Bring an older database to :data:`SCHEMA_VERSION` (PRAGMA user_version), in
-        one transaction; several processes may race here, the first one migrates."""
+        one transaction; several processes may race here, the first one migrates. Each
+        step checks what the database already has, so it is safe to repeat."""
         with self.transaction() as conn:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version < 2:
-                migrate_v2(conn)
-            if version < SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version >= SCHEMA_VERSION:
+                return
+            migrate_v2(conn)  # the QIDO-RS attributes (idempotent)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(instances)")}
+            if "audit_pending" not in columns:  # transfers were recorded at close only
+                conn.execute("ALTER TABLE instances ADD COLUMN audit_pending INTEGER NOT NULL"
+                             " DEFAULT 0")
+            conn.execute("CREATE INDEX IF NOT EXISTS instances_audit_pending ON"
+                         " instances(audit_pending) WHERE audit_pending = 1")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
     def path_for(storage: Path | str) -> Path:
@@ -275,13 +292,14 @@ class Index:
         )
         return row is not None
 
-    def add_instance(self, rec: InstanceRecord) -> bool:
+    def add_instance(self, rec: InstanceRecord, *, audit_pending: bool = False) -> bool:
         """Record a stored instance and mark its study as receiving.
 
+        ``audit_pending``: its transfer record is owed (see the module's docstring).
         Returns False when the SOP Instance UID was already indexed (nothing changes).
         """
         with self.transaction() as conn:
-            cur = conn.execute(_INSERT, _insert_values(rec, rec.origin))
+            cur = conn.execute(_INSERT, _insert_values(rec, rec.origin, audit_pending))
             if cur.rowcount == 0:
                 return False
             write_attributes(conn, rec.study_uid, rec.series_uid, rec.attributes)
@@ -295,6 +313,18 @@ class Index:
                 (rec.study_uid, rec.received_at, rec.received_at, rec.calling_ae),
             )
         return True
+
+    def transfers_recorded(self, sop_instance_uids: list[str]) -> None:
+        """The transfer records of these instances are on disk: nothing owed any more."""
+        with self.transaction() as conn:
+            conn.executemany("UPDATE instances SET audit_pending = 0 WHERE sop_instance_uid = ?"
+                             " AND audit_pending = 1", [(u,) for u in sop_instance_uids])
+
+    def pending_transfers(self) -> list[StoredInstance]:
+        """Instances whose transfer record is still owed (a crash came first), oldest first."""
+        rows = self._conn().execute(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE audit_pending = 1 ORDER BY id")
+        return [_stored(r) for r in rows]
 
     def record_results(self, result_set: ResultSet, instances: list[InstanceRecord]) -> None:
         """Index the objects a job made (origin 'result', so that QIDO-RS/WADO-RS serve

@@ -44,10 +44,10 @@ def fsync_dir(path: Path | str) -> None:
 
 
 def atomic_write(path: Path, content: bytes | Callable[[Path], None], *,
-                 mode: int = 0o640) -> None:
+                 mode: int = 0o600) -> None:
     """Write ``path`` so that after a crash it is either absent, the old file, or the
     whole new one: write a temp file beside it, fsync it, rename it over ``path`` and
-    fsync the folder.
+    fsync the folder. The file is owner-only (``mode``, 0600) whatever the umask.
 
     ``content`` is the bytes, or a function that writes the file at the path it is
     given (and may check it: if it raises, the temp file is removed and nothing else

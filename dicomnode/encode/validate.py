@@ -14,6 +14,11 @@
 ``ensure_valid(ds)`` raises :class:`EncodingError` listing every problem. The
 export stage calls it on every object before it is sent.
 
+Problems name the attribute and what is wrong with it, never its value: dciodvfy and
+pydicom quote values (a patient's name, say), and these lines go into logs and the
+job database's ``last_error``; :func:`dicomnode.core.redact.redact_values` replaces each
+quoted value by ``…``.
+
 No dciodvfy error is ignored at present: the SEG and SR written by
 :mod:`dicomnode.encode.seg` and :mod:`dicomnode.encode.sr` pass it clean. Should a
 benign one have to be ignored, it goes into ``IGNORED_DCIODVFY`` with its reason.
@@ -32,6 +37,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicomnode.core.redact import describe_exception, redact_values
 from dicomnode.errors import DicomNodeError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +78,7 @@ def check_object(ds_or_path: Dataset | str | os.PathLike[str]) -> list[str]:
             try:
                 ds_or_path.save_as(path, enforce_file_format=True)
             except Exception as exc:  # noqa: BLE001 - any failure to write is the finding
-                return [f"pydicom: cannot write the dataset: {type(exc).__name__}: {exc}"]
+                return [f"pydicom: cannot write the dataset: {describe_exception(exc)}"]
             return _check_file(path)
     return _check_file(Path(ds_or_path))
 
@@ -95,7 +101,7 @@ def _check_file(path: Path) -> list[str]:
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the finding
-        return [f"pydicom: cannot read back: {type(exc).__name__}: {exc}"]
+        return [f"pydicom: cannot read back: {describe_exception(exc)}"]
     proc = _start_dciodvfy(path)  # runs in its own process while we read the file back
     problems = _read_back(path, str(header.get("SOPClassUID", "")))
     return problems + _dciodvfy_result(proc, path)
@@ -125,7 +131,7 @@ def _read_back(path: Path, sop_class: str) -> list[str]:
             if "PixelData" in ds:
                 ds.pixel_array  # noqa: B018 - decoding is the check
     except Exception as exc:  # noqa: BLE001
-        return [f"highdicom: cannot read back: {type(exc).__name__}: {exc}"]
+        return [f"highdicom: cannot read back: {describe_exception(exc)}"]
     return []
 
 
@@ -168,7 +174,7 @@ def _dciodvfy_result(proc: subprocess.Popen[str] | None, path: Path) -> list[str
             continue
         if any(re.search(pattern, line) for pattern, _why in IGNORED_DCIODVFY):
             continue
-        out.append(f"dciodvfy: {line}")
+        out.append(f"dciodvfy: {redact_values(line)}")
     return out
 
 

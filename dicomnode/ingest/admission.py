@@ -9,35 +9,61 @@ kept:
 2. UIDs valid (they become file names), header readable (study, series, SOP instance),
    the data set's SOP Instance UID equal to the one the door was told, the study the
    request names (STOW-RS ``/studies/{uid}``);
-3. free disk above the guard;
-4. an instance already held is a success, stored once;
-5. written durably (temp file, fdatasync, rename, folder fsync) and indexed;
+3. the audit trail writable (fail closed: no record, no instance) and free disk above
+   the guard;
+4. an instance already held is a success, stored once; the same SOP Instance UID with
+   other content is refused (see below);
+5. written durably (temp file, fdatasync, rename, folder fsync) and indexed, its
+   transfer record owed (:mod:`dicomnode.ingest.transfers`);
 
 and returns an :class:`Outcome` with a :class:`~dicomnode.core.status.Status`. Each
 door only translates the outcome into its protocol: a C-STORE response status, or an
 entry of the STOW-RS response's Referenced/Failed SOP Sequence. A session is one
-association or one STOW-RS request: it tallies what it brought per study and, on
-:meth:`AdmissionSession.close`, records one "DICOM Instances Transferred" audit event
-per study (PS3.15 A.5.3.5).
+association or one STOW-RS request: it tallies what it brought per study and records
+"DICOM Instances Transferred" audit events (PS3.15 A.5.3.7) as it goes, every few
+instances or seconds and at :meth:`AdmissionSession.close`; the instance that makes a
+record due is answered only once that record is on disk.
+
+**A re-send with the same SOP Instance UID and other content** is refused with
+0x0111 Duplicate SOP Instance (PS3.7 C.4.x; on STOW-RS the Failure Reason of the
+instance, HTTP 409 when nothing else was stored), with an Error Comment saying why.
+Not kept as a new version, because:
+
+* a SOP Instance UID names one content (PS3.3 C.12.1.1.1, PS3.5 9): a correction that
+  changes an instance must carry a new UID (and the old one be withdrawn, IHE IOCM),
+  and a viewer or PACS that sees both versions under one UID cannot tell them apart;
+* what the node holds is what its results were computed from and what its audit
+  trail names: an instance that any permitted caller could replace by re-sending its
+  UID would change the input of results already delivered, silently;
+* Success is not an option: it tells the sender the instance is stored (PS3.4 B.2.2),
+  and a Warning says the same (stored with a caveat, PS3.4 B.2.3);
+* 0x0111 says exactly what happened, and a PACS that treats it as "already there"
+  (as many do for a plain re-send) still logs it; the refusal is also logged here
+  (UIDs only) and counted as a failure in the session's audit record.
+
+A re-send with the same content (byte for byte, or in another transfer syntax with
+every attribute but the pixel data equal: :mod:`dicomnode.ingest.duplicates`) is a
+Success, stored once, as before.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dicomnode.audit.recorder import Audit, NullAudit
+from dicomnode.audit.recorder import Audit, NullAudit, RecordNotDurable
 from dicomnode.config import NodeConfig
 from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.core.status import Status, status_for
 from dicomnode.core.uids import check_uid
 from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
 from dicomnode.ingest.diskguard import DiskGuard
+from dicomnode.ingest.duplicates import same_content
 from dicomnode.ingest.header import HeaderInfo, encode_file_meta, read_header
 from dicomnode.ingest.spool import Spool
+from dicomnode.ingest.transfers import RECORD_EVERY, RECORD_SECONDS, StudyTally, TransferLedger
 
 LOG = logging.getLogger(__name__)
 
@@ -56,7 +82,10 @@ def implementation_version_name() -> str:
 ANSWERS: dict[Status, str] = {
     Status.SUCCESS: "stored durably (file fsync'd, index row committed), or already held",
     Status.OUT_OF_RESOURCES: "cannot store now: disk full or below the disk guard, write"
-                             " failure, instance larger than the limit",
+                             " failure, the audit trail cannot be written, instance larger"
+                             " than the limit",
+    Status.DUPLICATE_SOP_INSTANCE: "an instance with this SOP Instance UID but other"
+                                   " content is held already (the held one is kept)",
     Status.CANNOT_UNDERSTAND: "the data set cannot be parsed, or its UIDs are invalid or"
                               " disagree with the command",
     Status.NOT_AUTHORIZED: "the calling AE title may not store this SOP class",
@@ -86,6 +115,7 @@ class Arrival:
     dataset: memoryview | None = None
     file: Path | None = None
     study_uid: str | None = None  # the study the request names, if any
+    dataset_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,28 +129,23 @@ class Outcome:
     header: HeaderInfo | None = None
     reason: str | None = None
     duplicate: bool = False
+    comment: str | None = None  # an Error Comment (0000,0902) for the sender, no PHI
 
     @property
     def stored(self) -> bool:
         return self.status == Status.SUCCESS
 
 
-@dataclass
-class _StudyTally:
-    """What one session brought of one study (for its audit event)."""
-
-    patient_id: str
-    patient_name: str
-    sop_classes: Counter[str] = field(default_factory=Counter)
-    failed: int = 0
-
-
 class Admission:
     """The admission policy and the durable stores an instance goes to."""
 
     def __init__(self, config: NodeConfig, spool: Spool, index: Index, *,
-                 audit: Audit | None = None, disk_guard: DiskGuard | None = None) -> None:
+                 audit: Audit | None = None, disk_guard: DiskGuard | None = None,
+                 record_every: int = RECORD_EVERY, record_seconds: float = RECORD_SECONDS
+                 ) -> None:
         self.config = config
+        self.record_every = record_every
+        self.record_seconds = record_seconds
         self.spool = spool
         self.index = index
         self.audit: Audit = audit or NullAudit()
@@ -128,6 +153,14 @@ class Admission:
         self.disk_guard = disk_guard or DiskGuard(
             config.storage, int(rc.min_free_gb * 1e9), rc.min_free_ratio)
         self.implementation_version = implementation_version_name()
+
+    def health(self) -> tuple[bool, str]:
+        """Whether new instances can be taken now: audit trail writable, disk above the
+        guard (a door may refuse a whole request up front when not)."""
+        ok, why = self.audit.health()
+        if not ok:
+            return ok, why
+        return self.disk_guard.check()
 
     def session(self, calling_ae: str, address: str, called_ae: str | None = None
                 ) -> AdmissionSession:
@@ -144,8 +177,15 @@ class AdmissionSession:
         self.calling_ae = calling_ae
         self.address = address
         self.called_ae = called_ae
-        self.studies: dict[str, _StudyTally] = {}
+        self.ledger = TransferLedger(admission.audit, admission.index, calling_ae, address,
+                                     called_ae, every=admission.record_every,
+                                     seconds=admission.record_seconds)
         self._closed = False
+
+    @property
+    def studies(self) -> dict[str, StudyTally]:
+        """What the session brought, per study (every study it touched)."""
+        return self.ledger.studies
 
     def admit(self, arrival: Arrival) -> Outcome:
         """Run the admission sequence for one instance; never raises."""
@@ -156,16 +196,22 @@ class AdmissionSession:
                           self.calling_ae)
             outcome = Outcome(status_for(exc), reason=f"{type(exc).__name__}")
         header = outcome.header
-        if header is not None:
-            tally = self.studies.get(header.study_uid)
-            if tally is None:
-                tally = self.studies[header.study_uid] = _StudyTally(
-                    header.patient_id, header.patient_name)
-            if outcome.stored:
-                if not outcome.duplicate:
-                    tally.sop_classes[outcome.sop_class_uid] += 1
-            else:
-                tally.failed += 1
+        if header is None:
+            return outcome
+        ledger = self.ledger
+        if not outcome.stored:
+            ledger.failed(header.study_uid, header.patient_id, header.patient_name)
+        elif not outcome.duplicate:
+            ledger.stored(header.study_uid, header.patient_id, header.patient_name,
+                          outcome.sop_class_uid, outcome.sop_instance_uid)
+            if ledger.due:
+                try:
+                    ledger.record()
+                except RecordNotDurable as exc:  # stored and owed, but not acknowledged
+                    LOG.error("refused an instance from %s: its transfer record cannot be"
+                              " written: %s", self.calling_ae, exc)
+                    return Outcome(Status.OUT_OF_RESOURCES, outcome.sop_class_uid,
+                                   outcome.sop_instance_uid, header, reason=str(exc))
         return outcome
 
     def _admit(self, a: Arrival) -> Outcome:
@@ -197,13 +243,14 @@ class AdmissionSession:
         if a.study_uid is not None and header.study_uid != a.study_uid:
             return Outcome(Status.DATASET_MISMATCH, sop_class, sop_uid,
                            reason="the instance belongs to another study than the request's")
-        ok, why = adm.disk_guard.check()
-        if not ok:  # refuse cleanly before the disk fills, rather than fail mid-write
-            LOG.error("refused an instance from %s: %s", self.calling_ae, why)
-            return Outcome(Status.OUT_OF_RESOURCES, sop_class, sop_uid, header, reason=why)
-        if adm.index.has_instance(sop_uid):
-            LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
-            return Outcome(Status.SUCCESS, sop_class, sop_uid, header, duplicate=True)
+        for check in (adm.audit.health, adm.disk_guard.check):
+            ok, why = check()
+            if not ok:  # fail closed; refuse cleanly rather than fail mid-write
+                LOG.error("refused an instance from %s: %s", self.calling_ae, why)
+                return Outcome(Status.OUT_OF_RESOURCES, sop_class, sop_uid, header, reason=why)
+        held = adm.index.instances(sop_uid=sop_uid)
+        if held:
+            return self._duplicate(a, held[0].path, sop_class, sop_uid, header)
         try:
             if a.file is not None:
                 size = adm.spool.adopt(a.file, target)
@@ -220,7 +267,7 @@ class AdmissionSession:
                 received_at=time.time(), path=str(target.relative_to(adm.spool.root)),
                 expected_count=header.expected_count, called_ae=self.called_ae,
                 attributes=header.attributes,
-            ))
+            ), audit_pending=adm.audit.enabled)
         except StorageError as exc:
             LOG.error("cannot store an instance from %s: %s", self.calling_ae, exc)
             return Outcome(Status.OUT_OF_RESOURCES, sop_class, sop_uid, header, reason=str(exc))
@@ -231,19 +278,35 @@ class AdmissionSession:
                            reason="the index cannot be written")
         return Outcome(Status.SUCCESS, sop_class, sop_uid, header)
 
+    def _duplicate(self, a: Arrival, held_path: str, sop_class: str, sop_uid: str,
+                   header: HeaderInfo) -> Outcome:
+        """The SOP Instance UID is held already: Success when it is the same content,
+        0x0111 when it is not (see the module's docstring)."""
+        adm = self.admission
+        if same_content(adm.spool.root / held_path, a.transfer_syntax, a.dataset, a.file,
+                        a.dataset_offset):
+            LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
+            return Outcome(Status.SUCCESS, sop_class, sop_uid, header, duplicate=True)
+        LOG.warning("refused SOP instance %s from %s: an instance with this UID and other"
+                    " content is held already (corrections need a new SOP Instance UID)",
+                    sop_uid, self.calling_ae)
+        return Outcome(Status.DUPLICATE_SOP_INSTANCE, sop_class, sop_uid, header,
+                       reason="same SOP Instance UID, other content",
+                       comment="SOP Instance UID held with other content; not replaced")
+
     def close(self) -> None:
-        """One 'DICOM Instances Transferred' audit event per study the session brought.
-        Idempotent."""
+        """The 'DICOM Instances Transferred' records of what no record covers yet (one
+        per study). Does not wait for the disk: the rows stay owed until the records are
+        on it. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        from dicomnode.audit import events
-
-        for study_uid, t in self.studies.items():
-            self.admission.audit.record(
-                events.instances_received, self.calling_ae, self.address,
-                self.admission.config.ae_title, study_uid, dict(t.sop_classes),
-                t.patient_id, t.patient_name, outcome=0 if not t.failed else 4)
+        try:
+            self.ledger.record(wait=False)
+        except RecordNotDurable as exc:
+            LOG.error("transfer records of the session from %s are owed (written once the"
+                      " trail can be written, or at the next start-up): %s", self.calling_ae,
+                      exc)
 
 
 def _valid_or_empty(uid: str) -> str:

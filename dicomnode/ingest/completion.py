@@ -15,6 +15,11 @@ completed study, which then completes again as a new revision.
 
 Each completion is recorded in the index and handed to a ``CompletionSink`` (the
 next stage); a hand-off not confirmed before a crash is repeated at start-up.
+
+A completion that fails on the way (the index cannot be written: "database or disk is
+full", "database is locked"; the next stage refuses the hand-off) is not dropped: it
+is tried again after 1, 2, 4, ... up to 60 seconds until it goes through, so a study
+is routed as soon as the cause has gone, without a restart.
 """
 
 from __future__ import annotations
@@ -31,8 +36,13 @@ from apscheduler.schedulers.base import BaseScheduler
 
 from dicomnode.config import CompletionConfig
 from dicomnode.core.index import Completion, Index
+from dicomnode.core.redact import describe_exception
 
 LOG = logging.getLogger(__name__)
+
+#: the first and the longest wait before a failed completion or hand-off is tried again
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 
 
 class CompletionSink(Protocol):
@@ -79,6 +89,7 @@ class CompletionTracker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # one completion at a time
+        self._failures: dict[str, int] = {}  # timer job id -> consecutive failures
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -161,7 +172,29 @@ class CompletionTracker:
         except JobLookupError:
             pass
 
+    def _retry_later(self, job_id: str, what: str, exc: Exception,
+                     func: Callable[..., None], *args: object) -> None:
+        """Run ``func(*args)`` again after a backoff (the timer ``job_id`` is reused)."""
+        n = self._failures[job_id] = self._failures.get(job_id, 0) + 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** min(n - 1, 16))
+        LOG.warning("%s failed (%s); trying again in %g s (attempt %d)", what,
+                    describe_exception(exc), delay, n + 1)
+        self.scheduler.add_job(
+            func, trigger="date", run_date=datetime.fromtimestamp(self.clock() + delay, tz=UTC),
+            args=list(args), id=job_id, replace_existing=True, misfire_grace_time=None,
+            coalesce=True)
+
     def _quiet_elapsed(self, study_uid: str) -> None:
+        job_id = self._job_id(study_uid)
+        try:
+            self._quiet_check(study_uid)
+        except Exception as exc:  # e.g. sqlite3.OperationalError: database or disk is full
+            self._retry_later(job_id, f"completion of study {study_uid}", exc,
+                              self._quiet_elapsed, study_uid)
+            return
+        self._failures.pop(job_id, None)
+
+    def _quiet_check(self, study_uid: str) -> None:
         # An instance may have arrived after the timer was set but before the poller
         # saw it: re-check the study's last arrival against the quiet window.
         last = self.index.receiving_studies().get(study_uid)
@@ -196,13 +229,12 @@ class CompletionTracker:
         return completion
 
     def _hand_off(self, completion: Completion) -> None:
+        job_id = f"handoff:{completion.id}"
         try:
             self.sink.study_completed(completion)
-        except Exception:
-            LOG.exception(
-                "the next stage failed to take study %s revision %d; retried at restart",
-                completion.study_uid,
-                completion.revision,
-            )
+            self.index.mark_handed_off(completion.id)
+        except Exception as exc:  # repeated (and at start-up): the sink is idempotent
+            self._retry_later(job_id, f"hand-off of study {completion.study_uid} revision"
+                              f" {completion.revision}", exc, self._hand_off, completion)
             return
-        self.index.mark_handed_off(completion.id)
+        self._failures.pop(job_id, None)

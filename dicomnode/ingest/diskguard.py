@@ -54,11 +54,15 @@ class DiskGuard:
         self._lock = threading.Lock()
         self._cached: tuple[float, tuple[bool, str]] | None = None
 
-    def check(self) -> tuple[bool, str]:
-        """``(ok, reason)``; the reason says how much is free and, if not ok, the limit."""
+    def check(self, *, fresh: bool = False) -> tuple[bool, str]:
+        """``(ok, reason)``; the reason says how much is free and, if not ok, the limit.
+
+        ``fresh``: ask the file system now, not the cached answer (a long upload, which
+        can fill the disk faster than the cache expires)."""
         now = self._monotonic()
         with self._lock:
-            if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+            if (not fresh and self._cached is not None
+                    and now - self._cached[0] < self.cache_seconds):
                 return self._cached[1]
             answer = self._measure()
             self._cached = (now, answer)

@@ -6,12 +6,18 @@ part's body goes straight to a temp file in the given folder, so an upload never
 sits whole in memory; the buffer held is bounded by the header limit plus one
 chunk. Every problem raises ``MultipartError`` with a reason; ``close()`` (or
 ``Part.discard()``) removes the temp files.
+
+``room`` (optional) is asked before each part's temp file is created and again after
+every ``room_every`` bytes written to it: a disk guard, so that one upload cannot fill
+the disk past it; when it says no, the part in progress is removed and
+``MultipartError`` (HTTP 503, DICOM 0xA700) is raised.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +26,16 @@ MAX_BOUNDARY = 200  # RFC 2046 5.1.1 says 70; Orthanc sends 73
 
 
 class MultipartError(ValueError):
-    """The body is not acceptable multipart/related; ``status`` is the HTTP status to answer."""
+    """The body is not acceptable multipart/related; ``status`` is the HTTP status to
+    answer, ``out_of_resources`` says the node (not the body) is at fault: the
+    instances not stored are failed with 0xA700 rather than 0xC000."""
 
-    def __init__(self, reason: str, status: int = 400) -> None:
+    def __init__(self, reason: str, status: int = 400, *, out_of_resources: bool = False
+                 ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.out_of_resources = out_of_resources
 
 
 def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -119,6 +129,8 @@ class MultipartParser:
         max_parts: int = 10000,
         max_header_bytes: int = MAX_HEADER_BYTES,
         prefix: str = "stow-",
+        room: Callable[[], tuple[bool, str]] | None = None,
+        room_every: int = 16 << 20,
     ) -> None:
         if not boundary or len(boundary) > MAX_BOUNDARY:
             raise MultipartError("missing or invalid multipart boundary")
@@ -127,6 +139,9 @@ class MultipartParser:
         self.max_parts = max_parts
         self.max_header_bytes = max_header_bytes
         self.prefix = prefix
+        self.room = room
+        self.room_every = room_every
+        self._since_room = 0
         self._first = b"--" + boundary.encode("ascii")
         self._delim = b"\r\n" + self._first
         self._buf = bytearray()
@@ -245,12 +260,23 @@ class MultipartParser:
             return False
         return False  # epilogue
 
+    def _check_room(self) -> None:
+        if self.room is None:
+            return
+        ok, why = self.room()
+        if not ok:
+            raise MultipartError(f"cannot store the upload now: {why}", 503,
+                                 out_of_resources=True)
+
     def _new_part(self, headers: dict[str, str]) -> Part:
+        self._check_room()
+        self._since_room = 0
         path = self.folder / f"{self.prefix}{secrets.token_hex(8)}.part"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise MultipartError(f"cannot buffer the upload: {exc.strerror}", 507) from None
+            raise MultipartError(f"cannot buffer the upload: {exc.strerror}", 503,
+                                 out_of_resources=True) from None
         return Part(headers, path, 0, fd)
 
     def _write(self, data: bytearray | bytes) -> None:
@@ -258,13 +284,18 @@ class MultipartParser:
         assert part is not None and part._fd is not None
         if part.size + len(data) > self.max_part_bytes:
             raise MultipartError(f"a part is larger than {self.max_part_bytes} bytes", 413)
+        self._since_room += len(data)
+        if self._since_room >= self.room_every:
+            self._since_room = 0
+            self._check_room()
         view = memoryview(data)
         try:
             while view:
                 n = os.write(part._fd, view)
                 view = view[n:]
         except OSError as exc:
-            raise MultipartError(f"cannot buffer the upload: {exc.strerror}", 507) from None
+            raise MultipartError(f"cannot buffer the upload: {exc.strerror}", 503,
+                                 out_of_resources=True) from None
         part.size += len(data)
 
 

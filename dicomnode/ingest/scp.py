@@ -34,6 +34,7 @@ from dicomnode.ingest.admission import (
     Admission,
     AdmissionSession,
     Arrival,
+    Outcome,
     implementation_version_name,
 )
 from dicomnode.ingest.pynetdicom_ext import NodeAssociationServer
@@ -242,11 +243,11 @@ class StoreSCP:
             if self._on_released is not None:
                 self._on_released()
 
-    def _handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
         with self._in_flight_cv:
             self._in_flight += 1
         try:
-            return int(self._store(event))
+            return self._store(event)
         except Exception:  # nothing escapes a handler
             LOG.exception("unexpected error while storing an instance")
             return int(Status.PROCESSING_FAILURE)
@@ -267,7 +268,7 @@ class StoreSCP:
             assoc.dicomnode_session = session  # type: ignore[attr-defined]
         return session
 
-    def _store(self, event: evt.Event) -> Status:
+    def _store(self, event: evt.Event) -> int | Dataset:
         """C-STORE (PS3.4 B.2): admit the received data set; its status is the answer.
 
         pynetdicom has already buffered every P-DATA fragment of the data set in memory
@@ -282,4 +283,14 @@ class StoreSCP:
             transfer_syntax=str(event.context.transfer_syntax),
             size=data.nbytes, header_bytes=data, dataset=data,
         ))
-        return outcome.status
+        return _response(outcome)
+
+
+def _response(outcome: Outcome) -> int | Dataset:
+    """The C-STORE response status, with its Error Comment (0000,0902) when it has one."""
+    if not outcome.comment:
+        return int(outcome.status)
+    rsp = Dataset()
+    rsp.Status = int(outcome.status)
+    rsp.ErrorComment = outcome.comment[:64]  # LO
+    return rsp

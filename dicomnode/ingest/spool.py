@@ -113,7 +113,7 @@ class Spool:
         tmp = self.tmp / f"{target.stem}.{secrets.token_hex(6)}.part"
         size = 0
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot create a file in the spool: {exc.strerror}") from exc
         try:

@@ -8,6 +8,12 @@ folder fsync, no copy), the same index row, and the same audit event per study. 
 the translation differs: each outcome becomes an item of the response's Referenced
 SOP Sequence (stored) or Failed SOP Sequence (with its Failure Reason, PS3.18 Table
 10.5.3-1), and the response is 200 (all stored), 202 (some) or 409 (none).
+
+Fail closed: while the audit trail cannot be written or the disk is below the guard a
+request is answered 503 (with Retry-After) before its body is read, and the disk guard
+is asked again before each part and every 16 MiB of it, so one upload cannot fill the
+disk past the guard; a request cut short that way fails what it had not stored with
+0xA700, and is answered 503 when it stored nothing.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ class StowRs:
         except MultipartError as exc:
             LOG.warning("STOW-RS request refused: %s", exc.reason)
             return error(exc.status, exc.reason)
+        ok, why = self.admission.health()
+        if not ok:
+            LOG.error("STOW-RS request refused: %s", why)
+            return Response("cannot store now; try again later", 503,
+                            headers={"Retry-After": "30"}, media_type="text/plain")
         length = request.headers.get("content-length")
         if length is not None:
             try:
@@ -68,6 +79,7 @@ class StowRs:
         parser = MultipartParser(
             boundary, self.admission.spool.tmp, max_part_bytes=self.limits.max_part_bytes,
             max_parts=self.limits.max_parts,
+            room=lambda: self.admission.disk_guard.check(fresh=True),
         )
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
@@ -94,7 +106,8 @@ class StowRs:
             if not referenced and not failed:
                 return error(exc.status, exc.reason)
             # some instances were already stored: report them, and the rest as failed
-            failed.append({"00081197": attr("US", int(Status.CANNOT_UNDERSTAND))})
+            failed.append({"00081197": attr("US", int(
+                Status.OUT_OF_RESOURCES if exc.out_of_resources else Status.CANNOT_UNDERSTAND))})
         except ClientDisconnect:
             LOG.warning("STOW-RS client went away mid-upload; its partial part is discarded")
             return error(400, "incomplete request")
@@ -118,8 +131,11 @@ class StowRs:
             body["00081198"] = {"vr": "SQ", "Value": failed}
         if referenced:
             body["00081199"] = {"vr": "SQ", "Value": referenced}
-        return JSONResponse(body, http_status_of_store(len(referenced), len(failed)),
-                            media_type=DICOM_JSON)
+        status = http_status_of_store(len(referenced), len(failed))
+        if not referenced and all(_reason(f) == Status.OUT_OF_RESOURCES for f in failed):
+            status = 503  # nothing stored, and only for want of resources: try again later
+        return JSONResponse(body, status, media_type=DICOM_JSON,
+                            headers={"Retry-After": "30"} if status == 503 else None)
 
     def _store_part(self, session: AdmissionSession, part: Part, study_param: str | None,
                     base: str, referenced: list[dict[str, Any]],
@@ -171,9 +187,15 @@ class StowRs:
             sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
             transfer_syntax=str(meta.get("TransferSyntaxUID", "") or ""),
             size=part.size, header_bytes=memoryview(head)[offset:], file=part.path,
-            study_uid=study_param,
+            study_uid=study_param, dataset_offset=offset,
         ))
         where = None
         if outcome.header is not None:
             where = (outcome.header.study_uid, outcome.header.series_uid)
         return outcome.status, outcome.sop_class_uid, outcome.sop_instance_uid, where
+
+
+def _reason(item: dict[str, Any]) -> int | None:
+    """The Failure Reason (0008,1197) of a Failed SOP Sequence item."""
+    values = item.get("00081197", {}).get("Value") or [None]
+    return values[0] if isinstance(values[0], int) else None

@@ -30,6 +30,7 @@ from dicomnode.config import NodeConfig
 from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.core.layout import StorageLayout, atomic_write
 from dicomnode.core.records import InferenceResult, JobPayload, ResultSet
+from dicomnode.core.redact import describe_exception, traceback_text
 from dicomnode.export.outbox import Outbox
 from dicomnode.queue.base import Job, JobQueue
 from dicomnode.withdrawal import RejectionGate
@@ -116,13 +117,16 @@ class InferenceWorker:
             result_set = self._deliver(job, result)
         except Exception as exc:
             done.set()
-            LOG.exception("job %s (%s) failed", job.id, job.model)
+            # the message may quote attribute values (validators do): redacted, and the
+            # traceback logged without any message
+            error = describe_exception(exc)
+            LOG.error("job %s (%s) failed: %s\n%s", job.id, job.model, error,
+                      traceback_text(exc))
             self.audit.record(events.job, "failed", *audit_job, error=f"{type(exc).__name__}")
             if self.metrics is not None:
                 self.metrics.job_finished(job.model, "failed")
             try:
-                released = self.queue.release(job.id, self.owner,
-                                              error=f"{type(exc).__name__}: {exc}")
+                released = self.queue.release(job.id, self.owner, error=error)
                 LOG.warning("job %s is now %s after %d attempt(s)", job.id,
                             released.state.name.lower(), released.attempts)
             except Exception:
