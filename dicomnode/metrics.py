@@ -49,7 +49,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dicomnode.core.index import IndexStats
+from dicomnode.core.reports import IndexStats
 
 PREFIX = "dicomnode"
 MAX_LABEL_VALUES = 200

@@ -17,7 +17,7 @@ import pytest
 from conftest import dicom_files, make_series, shared
 
 from dicomnode.config import parse_config
-from dicomnode.core.index import Index
+from dicomnode.core.index import SCHEMA_VERSION, Index
 from dicomnode.http import make_app
 from dicomnode.ingest.header import read_header
 from dicomnode.ingest.reconcile import backfill_attributes
@@ -376,7 +376,7 @@ def test_an_index_from_schema_1_is_migrated_and_backfilled(tmp_path: Path) -> No
     db.close()
     index = Index(Index.path_for(root))
     try:
-        assert index.query("PRAGMA user_version")[0][0] == 2
+        assert index.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
         placeholder = index.query("SELECT patient_name, complete FROM study_attributes")
         assert [tuple(r) for r in placeholder] == [("", 0)]
         assert backfill_attributes(index, spool) == 3

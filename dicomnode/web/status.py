@@ -33,9 +33,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from dicomnode.core.index import Index, StudyOverview
+from dicomnode.core.index import Index
 from dicomnode.core.manifest import load_manifest
 from dicomnode.core.records import InferenceResult
+from dicomnode.core.reports import StudyOverview
 from dicomnode.web.overlay import OverlayCache, OverlayError, label_colors, render_overlay
 
 LOG = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
-from dicomnode.errors import InvalidUIDError
 from dicomnode.core.uids import check_uid as validate_uid
+from dicomnode.errors import InvalidUIDError
 from dicomnode.web.session import SessionStore, login_url
 
 LOG = logging.getLogger(__name__)
