@@ -1,5 +1,6 @@
 """The node's HTTP front door: DICOMweb under /dicom-web plus /healthz, /readyz
-and /metrics for IT's monitoring.
+and /metrics for IT's monitoring, and (queue.backend celery) the worker API under
+/workers/v1 (dicomnode/web/worker_api.py, worker tokens only).
 
 Health and metrics carry no patient data and answer without a token (liveness and
 readiness probes, Prometheus scrapers); DICOMweb needs a bearer token whenever the
@@ -30,7 +31,7 @@ from dicomnode.web.app import ServerHandle
 
 def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
               databases: list[Path], scheduler: Callable[[], Any],
-              audit: Any = None) -> Starlette:
+              audit: Any = None, workers: Any = None) -> Starlette:
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
     dicomweb = make_app(
@@ -60,12 +61,17 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
             CORSMiddleware, allow_origins=list(hc.cors_origins), allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
         ))
-    return Starlette(routes=[
+    routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
-        Mount("/", app=dicomweb),
-    ], middleware=middleware)
+    ]
+    if workers is not None:  # the worker API (queue.backend celery), its own tokens
+        from dicomnode.web.worker_api import PREFIX
+
+        routes.append(Mount(PREFIX, app=workers))
+    routes.append(Mount("/", app=dicomweb))
+    return Starlette(routes=routes, middleware=middleware)
 
 
 def start_http(config: NodeConfig, app: Starlette) -> ServerHandle:

@@ -97,6 +97,10 @@ class _StateCollector(Collector):
         self.oldest_pending_age: Callable[[], float | None] | None = None
         self.exports: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None
         self.index_query: Callable[[str], list[Any]] | None = None
+        # issue 12: remote workers (queue.backend celery)
+        self.jobs_by_model: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None
+        self.broker: Callable[[], Mapping[str, Any]] | None = None
+        self.workers: Callable[[], Iterable[Any]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return [
@@ -114,6 +118,7 @@ class _StateCollector(Collector):
                               "Study completions (revisions) recorded in the index"),
             GaugeMetricFamily(f"{PREFIX}_metrics_source_up",
                               "Whether a scrape-time source answered", labels=["source"]),
+            *_worker_families(),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -121,7 +126,8 @@ class _StateCollector(Collector):
                                "Whether a scrape-time source answered", labels=["source"])
         out: list[Metric] = []
         for name, fn in (("queue", self._queue), ("exports", self._exports),
-                         ("index", self._index)):
+                         ("index", self._index), ("jobs_by_model", self._by_model),
+                         ("broker", self._broker), ("workers", self._workers)):
             try:
                 families = fn()
             except Exception:
@@ -191,6 +197,70 @@ class _StateCollector(Collector):
         return [inst, studies, comps]
 
 
+    # -- issue 12: per-model queue depth, the broker, remote workers' heartbeats ----------
+
+    def _by_model(self) -> list[Metric] | None:
+        if self.jobs_by_model is None:
+            return None
+        fam = _worker_families()[0]
+        for model, states in sorted(self.jobs_by_model().items()):
+            for state, n in sorted((_label(k), v) for k, v in states.items()):
+                fam.add_metric([str(model), state], float(n))
+        return [fam]
+
+    def _broker(self) -> list[Metric] | None:
+        if self.broker is None:
+            return None
+        report = self.broker()
+        _, messages, waiting, *_rest = _worker_families()
+        for queue, kinds in sorted(report.get("queues", {}).items()):
+            for kind, n in sorted(kinds.items()):
+                messages.add_metric([str(queue), str(kind)], float(n))
+        waiting.add_metric([], float(report.get("handoffs_waiting", 0)))
+        return [messages, waiting]
+
+    def _workers(self) -> list[Metric] | None:
+        if self.workers is None:
+            return None
+        now = time.time()
+        *_first, count, age, busy, done = _worker_families()
+        alive = gone = 0
+        for i, w in enumerate(self.workers()):
+            if w.alive(now):
+                alive += 1
+            else:
+                gone += 1
+            if i < MAX_LABEL_VALUES:
+                age.add_metric([w.name], w.age(now))
+                busy.add_metric([w.name], 1.0 if w.alive(now) and w.job_id is not None else 0.0)
+                done.add_metric([w.name], float(w.jobs_done))
+        count.add_metric(["alive"], float(alive))
+        count.add_metric(["gone"], float(gone))
+        return [count, age, busy, done]
+
+
+def _worker_families() -> list[GaugeMetricFamily]:
+    """Fresh gauge families of the remote-worker metrics (a collector fills new ones per scrape)."""
+    return [
+        GaugeMetricFamily(f"{PREFIX}_jobs_by_model", "Jobs by model and state",
+                          labels=["model", "state"]),
+        GaugeMetricFamily(f"{PREFIX}_broker_messages",
+                          "Messages on the broker per queue (one per model): waiting stat,"
+                          " waiting routine, and unacked (held by a worker)",
+                          labels=["queue", "kind"]),
+        GaugeMetricFamily(f"{PREFIX}_broker_handoffs_waiting",
+                          "Runnable jobs not yet handed to the broker (e.g. while it is down)"),
+        GaugeMetricFamily(f"{PREFIX}_workers", "Remote workers by heartbeat state",
+                          labels=["state"]),
+        GaugeMetricFamily(f"{PREFIX}_worker_heartbeat_age_seconds",
+                          "Seconds since a worker's last heartbeat", labels=["worker"]),
+        GaugeMetricFamily(f"{PREFIX}_worker_busy", "1 while a worker runs a job",
+                          labels=["worker"]),
+        GaugeMetricFamily(f"{PREFIX}_worker_jobs_done", "Jobs a worker handed back since it"
+                          " started", labels=["worker"]),
+    ]
+
+
 class Metrics:
     """The node's metrics, in a registry of its own (not prometheus_client's global one).
 
@@ -240,7 +310,10 @@ class Metrics:
                queue_counts: Callable[[], Mapping[Any, int]] | None = None,
                oldest_pending_age: Callable[[], float | None] | None = None,
                exports: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None,
-               index_query: Callable[[str], list[Any]] | None = None) -> Metrics:
+               index_query: Callable[[str], list[Any]] | None = None,
+               jobs_by_model: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None,
+               broker: Callable[[], Mapping[str, Any]] | None = None,
+               workers: Callable[[], Iterable[Any]] | None = None) -> Metrics:
         """Set the scrape-time sources; ``None`` leaves a source as it was.
 
         ``index``: a :class:`dicomnode.index.Index` (anything with ``query(sql)``);
@@ -264,6 +337,12 @@ class Metrics:
             s.exports = exports
         if index_query is not None:
             s.index_query = index_query
+        if jobs_by_model is not None:  # issue 12: remote workers
+            s.jobs_by_model = jobs_by_model
+        if broker is not None:
+            s.broker = broker
+        if workers is not None:
+            s.workers = workers
         return self
 
     # -- events ---------------------------------------------------------------

@@ -42,6 +42,7 @@ from dicomnode.metrics import Metrics
 from dicomnode.pipeline import InferenceWorker, ModelPool, RoutingSink
 from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
+from dicomnode.worker.nodeside import RemoteSide, open_queue, runs_models_here  # issue 12
 
 LOG = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Node:
         self._default_sink = sink is None
         self.sink: CompletionSink = sink or LoggingSink()
         self.queue: SQLiteJobQueue | None = None
+        self.remote: RemoteSide | None = None  # issue 12
         self.worker: InferenceWorker | None = None
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
@@ -136,15 +138,8 @@ class Node:
         """Routing sink -> durable queue -> in-process inference worker (warm models)."""
         cfg = self.config
         assert self.index is not None
-        self.queue = SQLiteJobQueue(
-            SQLiteJobQueue.path_for(cfg.storage),
-            backoff_base=cfg.inference.retry_backoff_seconds,
-            backoff_max=cfg.inference.retry_backoff_max_seconds,
-        )
-        # only this process leases jobs: whatever is leased now was abandoned by a crash
-        reaped = self.queue.reap_abandoned(now=float("inf"))
-        if reaped:
-            LOG.warning("%d job(s) were running when the node stopped; they run again", reaped)
+        # issue 12: SQLite (every lease reaped at start-up) or Celery on Redis (see nodeside)
+        self.queue = open_queue(cfg)
         if cfg.destinations:
             ec = cfg.export
             self.outbox = Outbox(
@@ -156,7 +151,7 @@ class Node:
             self.dispatcher = Dispatcher(self.outbox, cfg.destinations, cfg.ae_title,
                                          audit=self.audit, on_delivered=self._delivered)
             self.dispatcher.start()
-        if cfg.inference.enabled and cfg.routing:
+        if cfg.inference.enabled and cfg.routing and runs_models_here(cfg):  # issue 12
             from dicomnode.inference.device import choose_device
 
             pool = ModelPool(cfg.models_dir, choose_device(cfg.inference.device))
@@ -171,6 +166,10 @@ class Node:
         self.sink = RoutingSink(cfg, self.index, self.queue,
                                 on_job=self.worker.notify if self.worker else None,
                                 audit=self.audit)
+        if cfg.queue.backend == "celery":  # issue 12: the worker API for remote workers
+            self.remote = RemoteSide(cfg, self.index, self.queue, outbox=self.outbox,
+                                     on_enqueued=self.dispatcher.wake if self.dispatcher
+                                     else None, audit=self.audit, metrics=self.metrics)
         if cfg.retention.enabled:
             self._start_retention()
 
@@ -193,7 +192,8 @@ class Node:
         if self.queue is not None:
             databases.append(SQLiteJobQueue.path_for(cfg.storage))
         app = build_app(cfg, self.spool, self.index, self.metrics, databases,
-                        scheduler=lambda: self.scheduler, audit=self.audit)
+                        scheduler=lambda: self.scheduler, audit=self.audit,
+                        workers=self.remote.app if self.remote else None)  # issue 12
         self.http = start_http(cfg, app)
         LOG.info("HTTP (DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
                  "https" if cfg.http.certfile else "http", cfg.http.bind_address,
@@ -316,6 +316,8 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.queue is not None:
             self.queue.close()
+        if self.remote is not None:  # issue 12
+            self.remote.close()
         if self._retention_outbox is not None:
             self._retention_outbox.close()
         self.audit.record(events.application_activity, False, self.config.ae_title,

@@ -256,9 +256,12 @@ class CeleryJobQueue(SQLiteJobQueue):
         """True/False after the last publish or broker read; None before the first."""
         return self._broker_up
 
-    def _publish(self, job_id: int, model: str, priority: int) -> None:
-        """One message for ``job_id`` on its model's queue; recorded once Redis took it."""
+    def _publish(self, job_id: int, model: str, priority: int, *, recheck: bool = True) -> bool:
+        """One message for ``job_id`` on its model's queue, recorded once Redis took it;
+        False when (``recheck``) another thread published it meanwhile."""
         with self._lock:
+            if recheck and not self._due(self._now(), job_id):
+                return False
             conn = self._conn()
             row = conn.execute("SELECT messages FROM celery_dispatch WHERE job_id = ?",
                                (job_id,)).fetchone()
@@ -276,6 +279,7 @@ class CeleryJobQueue(SQLiteJobQueue):
                     " published_at = excluded.published_at", (job_id, n, now))
         logger.info("job %d handed to the broker (queue %s, message %d)", job_id,
                     queue_name(model), n)
+        return True
 
     # -- hand-offs --------------------------------------------------------------
 
@@ -299,12 +303,12 @@ class CeleryJobQueue(SQLiteJobQueue):
         published = 0
         for jid, model, priority in self._due(self._now(), job_id):
             try:
-                self._publish(jid, model, priority)
+                sent = self._publish(jid, model, priority)
             except Exception as exc:
                 self._broker_failed(exc)
                 break
             self._broker_ok()
-            published += 1
+            published += int(sent)
         return published
 
     def handoffs_waiting(self) -> int:
@@ -358,11 +362,8 @@ class CeleryJobQueue(SQLiteJobQueue):
                 continue
             logger.warning("job %d: its message is no longer in the broker; publishing it again",
                            jid)
-            with self._transaction() as tx:  # makes it due; published below
-                tx.execute("UPDATE celery_dispatch SET published_at = NULL WHERE job_id = ?",
-                           (jid,))
-            self._publish(int(jid), str(model), int(priority))
-            republished += 1
+            republished += int(self._publish(int(jid), str(model), int(priority),
+                                             recheck=False))
         return republished
 
     # -- the contract, with hand-offs -----------------------------------------------
@@ -449,12 +450,15 @@ class CeleryJobQueue(SQLiteJobQueue):
         return out
 
     def broker_depth(self) -> dict[str, dict[str, int]]:
-        """Messages per broker queue: ``{queue: {"stat": n, "routine": n, "unacked": n}}``.
+        """Messages per broker queue: ``{queue: {"stat": n, "routine": n, "unacked": n}}``
+        (the queue of every model that has jobs, and any other ``dicomnode.*`` queue).
 
         Raises the broker's error when it cannot be read.
         """
         client = self._client()
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict[str, int]] = {  # every model with jobs, empty queues included
+            queue_name(str(m)): {"stat": 0, "routine": 0, "unacked": 0}
+            for (m,) in self._conn().execute("SELECT DISTINCT model FROM jobs")}
         for raw in client.scan_iter(match=QUEUE_PREFIX + "*", count=500):
             key = raw.decode() if isinstance(raw, bytes) else str(raw)
             name, _, pri = key.partition(_SEP)
