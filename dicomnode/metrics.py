@@ -118,7 +118,7 @@ class _StateCollector(Collector):
                               "Study completions (revisions) recorded in the index"),
             GaugeMetricFamily(f"{PREFIX}_metrics_source_up",
                               "Whether a scrape-time source answered", labels=["source"]),
-            *_worker_families(),
+            *_worker_families().values(),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -202,7 +202,7 @@ class _StateCollector(Collector):
     def _by_model(self) -> list[Metric] | None:
         if self.jobs_by_model is None:
             return None
-        fam = _worker_families()[0]
+        fam = _worker_families()["jobs_by_model"]
         for model, states in sorted(self.jobs_by_model().items()):
             for state, n in sorted((_label(k), v) for k, v in states.items()):
                 fam.add_metric([str(model), state], float(n))
@@ -212,18 +212,19 @@ class _StateCollector(Collector):
         if self.broker is None:
             return None
         report = self.broker()
-        _, messages, waiting, *_rest = _worker_families()
-        for queue, kinds in sorted(report.get("queues", {}).items()):
+        f = _worker_families()
+        for queue, kinds in sorted((report.get("queues") or {}).items()):
             for kind, n in sorted(kinds.items()):
-                messages.add_metric([str(queue), str(kind)], float(n))
-        waiting.add_metric([], float(report.get("handoffs_waiting", 0)))
-        return [messages, waiting]
+                f["broker_messages"].add_metric([str(queue), str(kind)], float(n))
+        f["broker_handoffs_waiting"].add_metric([], float(report.get("handoffs_waiting", 0)))
+        f["broker_up"].add_metric([], 1.0 if report.get("up") else 0.0)
+        return [f["broker_messages"], f["broker_handoffs_waiting"], f["broker_up"]]
 
     def _workers(self) -> list[Metric] | None:
         if self.workers is None:
             return None
         now = time.time()
-        *_first, count, age, busy, done = _worker_families()
+        f = _worker_families()
         alive = gone = 0
         for i, w in enumerate(self.workers()):
             if w.alive(now):
@@ -231,34 +232,32 @@ class _StateCollector(Collector):
             else:
                 gone += 1
             if i < MAX_LABEL_VALUES:
-                age.add_metric([w.name], w.age(now))
-                busy.add_metric([w.name], 1.0 if w.alive(now) and w.job_id is not None else 0.0)
-                done.add_metric([w.name], float(w.jobs_done))
-        count.add_metric(["alive"], float(alive))
-        count.add_metric(["gone"], float(gone))
-        return [count, age, busy, done]
+                f["worker_heartbeat_age_seconds"].add_metric([w.name], w.age(now))
+                f["worker_busy"].add_metric(
+                    [w.name], 1.0 if w.alive(now) and w.job_id is not None else 0.0)
+                f["worker_jobs_done"].add_metric([w.name], float(w.jobs_done))
+        f["workers"].add_metric(["alive"], float(alive))
+        f["workers"].add_metric(["gone"], float(gone))
+        return [f["workers"], f["worker_heartbeat_age_seconds"], f["worker_busy"],
+                f["worker_jobs_done"]]
 
 
-def _worker_families() -> list[GaugeMetricFamily]:
+def _worker_families() -> dict[str, GaugeMetricFamily]:
     """Fresh gauge families of the remote-worker metrics (a collector fills new ones per scrape)."""
-    return [
-        GaugeMetricFamily(f"{PREFIX}_jobs_by_model", "Jobs by model and state",
-                          labels=["model", "state"]),
-        GaugeMetricFamily(f"{PREFIX}_broker_messages",
-                          "Messages on the broker per queue (one per model): waiting stat,"
-                          " waiting routine, and unacked (held by a worker)",
-                          labels=["queue", "kind"]),
-        GaugeMetricFamily(f"{PREFIX}_broker_handoffs_waiting",
-                          "Runnable jobs not yet handed to the broker (e.g. while it is down)"),
-        GaugeMetricFamily(f"{PREFIX}_workers", "Remote workers by heartbeat state",
-                          labels=["state"]),
-        GaugeMetricFamily(f"{PREFIX}_worker_heartbeat_age_seconds",
-                          "Seconds since a worker's last heartbeat", labels=["worker"]),
-        GaugeMetricFamily(f"{PREFIX}_worker_busy", "1 while a worker runs a job",
-                          labels=["worker"]),
-        GaugeMetricFamily(f"{PREFIX}_worker_jobs_done", "Jobs a worker handed back since it"
-                          " started", labels=["worker"]),
-    ]
+    specs = {
+        "jobs_by_model": ("Jobs by model and state", ["model", "state"]),
+        "broker_messages": ("Messages on the broker per queue (one per model): waiting stat,"
+                            " waiting routine, and unacked (held by a worker)", ["queue", "kind"]),
+        "broker_handoffs_waiting": ("Runnable jobs not yet handed to the broker (e.g. while it"
+                                    " is down)", None),
+        "broker_up": ("1 when the node could read the broker at this scrape", None),
+        "workers": ("Remote workers by heartbeat state", ["state"]),
+        "worker_heartbeat_age_seconds": ("Seconds since a worker's last heartbeat", ["worker"]),
+        "worker_busy": ("1 while a worker runs a job", ["worker"]),
+        "worker_jobs_done": ("Jobs a worker handed back since it started", ["worker"]),
+    }
+    return {name: GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
+            for name, (text, labels) in specs.items()}
 
 
 class Metrics:

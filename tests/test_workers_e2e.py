@@ -153,3 +153,104 @@ def test_kill9_of_a_worker_mid_job_another_worker_completes_it_once(
     fast.stop()
     node.stop()
     assert len(receiver.received()["SEG"]) == 1
+
+
+def _metric(node: Any, name: str) -> float | None:
+    for line in _metrics(node).splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_redis_down_and_back_jobs_are_neither_lost_nor_run_twice(
+        node_factory: Any, redis_server: RedisServer, receiver: DicomReceiver,  # noqa: F811
+        worker_factory: Any, tmp_path: Path) -> None:
+    node = _node(node_factory, redis_server, tmp_path, receiver, visibility_timeout=15.0).start(
+        timeout=60)
+    # study A is handed to the broker; then Redis stops (SIGTERM: its AOF is flushed)
+    _send_study(node, tmp_path / "a")
+    node.wait_for(lambda: "job 1 handed to the broker" in node.log(), timeout=60)
+    redis_server.stop()
+    # the node keeps receiving; study B's job waits in the node for the broker
+    _send_study(node, tmp_path / "b")
+    node.wait_for(lambda: len(_jobs(node)) == 2, timeout=60)
+    broker = node.wait_for(lambda: (b := node.status()["queues"]["broker"])
+                           and b.get("handoffs_waiting") == 1 and b)
+    assert broker["up"] is False
+    assert _metric(node, "dicomnode_broker_handoffs_waiting") == 1.0
+    redis_server.start()  # same data folder: the AOF brings job 1's message back
+    node.wait_for(lambda: "job 2 handed to the broker" in node.log(), timeout=30)
+    assert node.status()["queues"]["broker"]["handoffs_waiting"] == 0
+
+    # a worker takes job 1; Redis goes away while the model runs and comes back after the
+    # result was handed back (over HTTP): the acknowledgement waits for Redis, then job 2
+    # runs; job 1's message is not delivered again
+    worker = worker_factory("w1", redis_server, node, delay=4, visibility_timeout=15.0).start()
+    node.wait_for(lambda: "sent to worker w1" in node.log(), timeout=90)
+    redis_server.stop()
+    worker.wait_log("job 1 handed back: done", timeout=60)
+    worker.wait_log("acknowledgement of message", timeout=30)
+    redis_server.start()
+    got = node.wait_for(lambda: len(receiver.received().get("SEG", [])) == 2
+                        and receiver.received(), timeout=120, interval=0.5)
+    assert len(got["SEG"]) == 2 and len(got["SR"]) == 2
+    jobs = _jobs(node)
+    assert [j["state"] for j in jobs] == ["done", "done"]
+    assert [j["attempts"] for j in jobs] == [1, 1]
+    assert worker.runs() == 2
+    worker.stop()
+    node.stop()
+    assert len(receiver.received()["SEG"]) == 2
+
+
+def test_results_handed_back_while_the_node_restarts_are_not_lost(
+        node_factory: Any, redis_server: RedisServer, receiver: DicomReceiver,  # noqa: F811
+        worker_factory: Any, tmp_path: Path) -> None:
+    node = _node(node_factory, redis_server, tmp_path, receiver).start(timeout=60)
+    worker = worker_factory("w1", redis_server, node, delay=3).start().wait_ready()
+    _send_study(node, tmp_path / "ct")
+    node.wait_for(lambda: "sent to worker w1" in node.log(), timeout=60)
+    assert node.stop() == 0  # the node goes away while the model runs
+    worker.wait_log("hand back the result", timeout=60)  # ... and retries
+    node.start(timeout=60)
+    worker.wait_log("job 1 handed back: done", timeout=60)
+    got = _results(receiver, node)
+    assert len(got["SEG"]) == 1 and len(got["SR"]) == 1
+    (job,) = _jobs(node)
+    assert job["state"] == "done" and job["attempts"] == 1
+    assert worker.runs() == 1
+    assert "renewed after the node's restart" in node.log()
+    worker.stop()
+    node.stop()
+    assert len(receiver.received()["SEG"]) == 1
+
+
+def test_a_wrong_token_is_refused_and_a_purged_study_fails_its_job(
+        node_factory: Any, redis_server: RedisServer, worker_factory: Any,  # noqa: F811
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    node = _node(node_factory, redis_server, tmp_path, None).start(timeout=60)
+    intruder = worker_factory("intruder", redis_server, node, token="not-the-token").start()
+    assert intruder.proc is not None and intruder.proc.wait(60) == 2
+    assert "refused this worker's token" in intruder.log()
+    assert "worker API request from 127.0.0.1 refused" in node.log()
+
+    files = _send_study(node, tmp_path / "ct")
+    node.wait_for(lambda: "job 1 handed to the broker" in node.log(), timeout=60)
+    # the study is purged while its job waits for a worker (what retention's first step
+    # does: its index rows go, then its files)
+    db = sqlite3.connect(node.storage / "index.sqlite3", timeout=30)
+    with db:
+        db.execute("DELETE FROM instances WHERE study_uid = (SELECT study_uid FROM studies)")
+    db.close()
+    for f in (node.storage / "studies").rglob("*.dcm"):
+        f.unlink()
+    assert files
+    worker = worker_factory("w1", redis_server, node).start()
+    worker.wait_log("no longer stored on this node", timeout=90)
+    (job,) = node.wait_for(lambda: [j for j in _jobs(node) if j["state"] == "failed"])
+    assert "no longer stored on this node (purged" in job["last_error"]
+    assert worker.runs() == 0
+    worker.stop()
+    node.stop()

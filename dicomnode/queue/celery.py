@@ -41,7 +41,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -121,6 +121,73 @@ def transport_options(visibility_timeout: float, *, connect_timeout: float = 5.0
     }
 
 
+#: How long an acknowledgement waits for Redis to come back before it is given up.
+ACK_RETRY_SECONDS = 60.0
+_TRANSPORT: Any = None
+
+
+def redis_transport() -> Any:
+    """kombu's Redis transport, with acknowledgements that survive a broker outage.
+
+    kombu's ``QoS.ack`` raises when Redis is unreachable *before* it forgets the delivery,
+    so a worker with a prefetch of one then waits forever for a slot that never frees up
+    (it never asks Redis for a message again, even once Redis is back). Here an ack (or a
+    reject) is retried until Redis answers, for at most :data:`ACK_RETRY_SECONDS`, and the
+    delivery is forgotten locally whatever happens. An ack that never reached Redis leaves
+    the message in its unacked set: it comes back after the visibility timeout, and the
+    node answers the claim with "already done", so the worker drops it.
+    """
+    global _TRANSPORT
+    if _TRANSPORT is not None:
+        return _TRANSPORT
+    from kombu.transport import redis as kredis
+    from kombu.transport import virtual
+
+    def settle(qos: Any, what: str, tag: Any, step: Callable[[], Any]) -> None:
+        deadline = time.monotonic() + ACK_RETRY_SECONDS
+        warned = False
+        while True:
+            try:
+                step()
+                break
+            except qos.channel.connection_errors as exc:
+                if time.monotonic() > deadline:
+                    logger.error("broker unreachable: %s of message %s given up (%s); it comes"
+                                 " back after the visibility timeout and is dropped then",
+                                 what, tag, exc)
+                    break
+                if not warned:
+                    logger.warning("broker unreachable: %s of message %s retried until it is"
+                                   " back (%s)", what, tag, exc)
+                    warned = True
+                time.sleep(1.0)
+        virtual.QoS.ack(qos, tag)  # forget the delivery: the prefetch slot is free again
+
+    class QoS(kredis.QoS):  # type: ignore[misc]
+        def ack(self, delivery_tag: Any) -> None:
+            settle(self, "acknowledgement", delivery_tag,
+                   lambda: self._remove_from_indices(delivery_tag).execute())
+
+        def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+            if requeue:
+                settle(self, "requeue", delivery_tag,
+                       lambda: self.restore_by_tag(delivery_tag, leftmost=True))
+            else:
+                self.ack(delivery_tag)
+
+    class Channel(kredis.Channel):  # type: ignore[misc]
+        pass
+
+    Channel.QoS = QoS
+
+    class Transport(kredis.Transport):  # type: ignore[misc]
+        pass
+
+    Transport.Channel = Channel
+    _TRANSPORT = Transport
+    return Transport
+
+
 def make_celery_app(url: str, *, visibility_timeout: float, main: str = "dicomnode",
                     connect_timeout: float = 5.0) -> Any:
     """A Celery app on the Redis broker ``url`` with dicomnode's delivery semantics.
@@ -142,6 +209,9 @@ def make_celery_app(url: str, *, visibility_timeout: float, main: str = "dicomno
         task_create_missing_queues=True,
         broker_transport_options=transport_options(visibility_timeout,
                                                    connect_timeout=connect_timeout),
+        broker_transport=redis_transport(),
+        # the node decides whether a job runs again (leases), not the connection's fate
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker waits for its broker, forever
         worker_enable_remote_control=False,

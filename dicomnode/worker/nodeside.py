@@ -103,8 +103,13 @@ class RemoteSide:
                            workers=self.registry.list)
 
     def _broker(self) -> dict[str, Any]:
-        return {"queues": self.queue.broker_depth(),
-                "handoffs_waiting": self.queue.handoffs_waiting()}
+        out: dict[str, Any] = {"handoffs_waiting": self.queue.handoffs_waiting()}
+        try:
+            out["queues"] = self.queue.broker_depth()
+            out["up"] = True
+        except Exception:  # the broker is down: the node says so, and keeps the rest
+            out["up"] = False
+        return out
 
     def close(self) -> None:
         self.registry.close()
