@@ -12,6 +12,7 @@ as it had to, never twice for one job.
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,20 @@ def _metrics(node: Any) -> str:
         return f.read().decode()
 
 
+def _audit(node: Any) -> list[dict[str, Any]]:
+    """The node's audit records (decrypted with its keys)."""
+    from conftest import run_cli
+
+    out = run_cli("audit", "export", "--format", "json", "--config", str(node.config_path))
+    assert out.returncode == 0, out.stderr
+    return [r["event"] for r in json.loads(out.stdout)]
+
+
+def _events(records: list[dict[str, Any]], meaning: str) -> list[dict[str, Any]]:
+    return [r for r in records
+            if r["EventIdentification"]["EventID"]["originalText"] == meaning]
+
+
 def _node(node_factory: Any, broker: RedisServer, tmp_path: Path, receiver: Any,
           **kwargs: Any) -> Any:
     models = copy_model(tmp_path / "node-models")
@@ -131,6 +146,13 @@ def test_a_worker_elsewhere_computes_seg_and_sr_and_without_one_nothing_runs(
     assert w["name"] == "gpu-box-1" and w["state"] == "idle" and w["jobs_done"] == 1
     worker.stop()
     assert node.stop() == 0
+
+    # the fetch is audited: the worker is the destination, no patient object goes with it
+    (sent,) = [e for e in _events(_audit(node), "DICOM Instances Transferred")
+               if any(p.get("UserID") == "gpu-box-1" for p in e["ActiveParticipant"])]
+    assert sent["EventIdentification"]["EventActionCode"] == "R"
+    assert all(o.get("ParticipantObjectTypeCodeRole") != 1
+               for o in sent["ParticipantObjectIdentification"])
 
 
 def test_kill9_of_a_worker_mid_job_another_worker_completes_it_once(
@@ -254,3 +276,6 @@ def test_a_wrong_token_is_refused_and_a_purged_study_fails_its_job(
     assert worker.runs() == 0
     worker.stop()
     node.stop()
+    (refused,) = [e for e in _events(_audit(node), "User Authentication")
+                  if "worker token" in e["EventIdentification"].get("EventOutcomeDescription", "")]
+    assert refused["EventIdentification"]["EventOutcomeIndicator"] == 4

@@ -189,12 +189,18 @@ def redis_transport() -> Any:
 
 
 def make_celery_app(url: str, *, visibility_timeout: float, main: str = "dicomnode",
-                    connect_timeout: float = 5.0) -> Any:
+                    connect_timeout: float = 5.0, publisher: bool = False) -> Any:
     """A Celery app on the Redis broker ``url`` with dicomnode's delivery semantics.
 
     No result backend (results go to the node over HTTP). Nothing connects here.
+    ``publisher``: the node's side, which must not wait for a broker that is down (its
+    hand-offs wait in SQLite instead): one connection attempt per publish.
     """
     from celery import Celery
+
+    options = transport_options(visibility_timeout, connect_timeout=connect_timeout)
+    if publisher:
+        options["max_retries"] = 0
 
     app = Celery(main, broker=url, set_as_current=False)
     app.conf.update(
@@ -207,8 +213,8 @@ def make_celery_app(url: str, *, visibility_timeout: float, main: str = "dicomno
         accept_content=["json"],
         task_default_priority=_CELERY_PRIORITY[Priority.ROUTINE],
         task_create_missing_queues=True,
-        broker_transport_options=transport_options(visibility_timeout,
-                                                   connect_timeout=connect_timeout),
+        broker_transport_options=options,
+        broker_connection_timeout=connect_timeout,
         broker_transport=redis_transport(),
         # the node decides whether a job runs again (leases), not the connection's fate
         worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -289,7 +295,7 @@ class CeleryJobQueue(SQLiteJobQueue):
     def _celery(self) -> Any:
         if self._app is None:
             self._app = make_celery_app(self.url, visibility_timeout=self.visibility_timeout,
-                                        main="dicomnode-node",
+                                        main="dicomnode-node", publisher=True,
                                         connect_timeout=self._connect_timeout)
         return self._app
 
