@@ -279,3 +279,51 @@ def test_a_wrong_token_is_refused_and_a_purged_study_fails_its_job(
     (refused,) = [e for e in _events(_audit(node), "User Authentication")
                   if "worker token" in e["EventIdentification"].get("EventOutcomeDescription", "")]
     assert refused["EventIdentification"]["EventOutcomeIndicator"] == 4
+
+
+def test_the_chest_ct_comes_back_as_seg_and_sr_from_a_worker_with_the_lung_model(
+        node_factory: Any, redis_server: RedisServer, receiver: DicomReceiver,  # noqa: F811
+        worker_factory: Any, tmp_path: Path) -> None:
+    import pydicom
+    from conftest import ROOT, dicom_files, shared
+
+    chest = dicom_files(shared("tcia-lung-pet-ct-dx"))
+    settings = celery_node_settings(redis_server.url, ROOT / "models", receiver,
+                                    model="lung_density", lease_seconds=30,
+                                    visibility_timeout=600)
+    node = node_factory(settings).start(timeout=60)
+    worker = worker_factory("lung-box", redis_server, node, model="lung_density",
+                            visibility_timeout=600).start()
+    assert storescu(node.port, chest).returncode == 0
+    got = _results(receiver, node, timeout=300)
+    assert len(got["SEG"]) == 1 and len(got["SR"]) == 1
+    (job,) = _jobs(node)
+    assert job["state"] == "done" and job["result"]["worker"] == "lung-box"
+    seg = pydicom.dcmread(got["SEG"][0])
+    source = pydicom.dcmread(chest[0], stop_before_pixels=True)
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert {s.SegmentLabel for s in seg.SegmentSequence} == {"right lung", "left lung"}
+    referenced = {i.ReferencedSOPInstanceUID for s in seg.ReferencedSeriesSequence
+                  for i in s.ReferencedInstanceSequence}
+    assert referenced == set(job["result"]["sop_instance_uids"])
+    assert "LAA950" in str(pydicom.dcmread(got["SR"][0]))
+    assert any(str(e.get("ManufacturerModelName", "")).startswith("lung_density")
+               for e in seg.ContributingEquipmentSequence)
+    assert worker.runs() == 1
+    worker.stop()
+    node.stop()
+
+
+def test_in_process_true_lets_the_node_run_jobs_itself_beside_the_broker(
+        node_factory: Any, redis_server: RedisServer, receiver: DicomReceiver,  # noqa: F811
+        tmp_path: Path) -> None:
+    node = _node(node_factory, redis_server, tmp_path, receiver,
+                 extra={"inference": {"in_process": True}}).start(timeout=60)
+    _send_study(node, tmp_path / "ct")
+    got = _results(receiver, node)
+    assert len(got["SEG"]) == 1 and len(got["SR"]) == 1
+    (job,) = _jobs(node)
+    assert job["state"] == "done" and "worker" not in job["result"]  # the node's own
+    # its message is still on the broker: a worker would find the job done and drop it
+    assert redis_server.client().llen("dicomnode.air_threshold\x06\x169") == 1
+    node.stop()
