@@ -462,6 +462,8 @@ class WorkerConfig(_Model):
     node_url: str | None = Field(
         default=None, pattern=r"^https?://[^/\s]+/?$", description="e.g. http://node:8080")
     token: SecretStr | None = Field(default=None, description="the worker token (plain text)")
+    token_file: Path | None = Field(
+        default=None, description="or a file holding it (e.g. a container secret), read at start")
     ca_file: Path | None = Field(default=None, description="CA of the node's HTTPS certificate")
     name: str | None = Field(default=None, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$",
                              description="default: <host>-<storage folder name>")

@@ -177,6 +177,26 @@ class NodeClient:
         return self._retrying(f"job {job_id}: hand back the result", upload)
 
 
+def _token(inline: str | None, path: Path | None,
+           problems: list[tuple[str, str]]) -> str | None:
+    """The worker token from ``worker.token`` or ``worker.token_file`` (exactly one)."""
+    if (inline is None) == (path is None):
+        problems.append(("worker.token", "give the worker token in token or token_file"
+                         " (one of them)"))
+        return None
+    if path is None:
+        return inline
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problems.append(("worker.token_file", f"cannot read {path}: {exc.strerror}"))
+        return None
+    if not text:
+        problems.append(("worker.token_file", f"{path} is empty"))
+        return None
+    return text
+
+
 def _default_models(models_dir: Path) -> list[str]:
     return sorted(p.name for p in Path(models_dir).iterdir()
                   if (p / "manifest.yaml").is_file()) if Path(models_dir).is_dir() else []
@@ -202,11 +222,11 @@ class RemoteWorker:
             problems.append(("queue", "a worker needs queue: {backend: celery, url: redis://...}"))
         if wc.node_url is None:
             problems.append(("worker.node_url", "the node's HTTP address is needed"))
-        if wc.token is None:
-            problems.append(("worker.token", "the worker token is needed"))
+        token = _token(wc.token.get_secret_value() if wc.token else None, wc.token_file,
+                       problems)
         if problems:
             raise ConfigError("worker configuration", problems)
-        assert config.queue.url is not None and wc.node_url is not None and wc.token is not None
+        assert config.queue.url is not None and wc.node_url is not None and token is not None
         self.config = config
         self.storage = Path(storage)
         self.storage.mkdir(parents=True, exist_ok=True)
@@ -220,7 +240,7 @@ class RemoteWorker:
         if not self.models:
             raise ConfigError("worker configuration",
                               [("worker.models", f"no model folders in {config.models_dir}")])
-        self.client = NodeClient(wc.node_url, wc.token.get_secret_value(), self.owner,
+        self.client = NodeClient(wc.node_url, token, self.owner,
                                  self.name, ca_file=wc.ca_file,
                                  retry_seconds=wc.node_retry_seconds)
         self.started_at = time.time()
