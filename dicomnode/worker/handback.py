@@ -268,9 +268,10 @@ class RemoteJobs:
         from dicomnode.audit import events
 
         if job.state is JobState.PENDING:
-            leased, _ = self.queue.claim(job.id, owner, self.lease_seconds)
-            if leased is None:  # backing off: take it anyway, it will never run
-                job = self._get(job.id)
+            leased, now = self.queue.claim(job.id, owner, self.lease_seconds)
+            if leased is None:  # backing off: it fails at its next hand-off
+                assert now is not None
+                return RemoteJobError(409, _not_runnable(now), now.state.value)
         try:
             failed = self.queue.fail(job.id, owner, reason)
         except LeaseLostError as exc:
@@ -363,11 +364,17 @@ class RemoteJobs:
         manifest = self.pool.manifest(job.model)
         try:
             volume = load_series([self.storage / r["path"] for r in rows])
-        except InconsistentSeriesError as exc:
+        except InconsistentSeriesError as exc:  # it never will be: no retry
+            from dicomnode.audit import events
+
             reason = f"the series cannot be loaded as one volume: {exc}"
             self.queue.fail(job_id, owner, reason)
             self.audit.record(worker_events.volume_sent, worker, address, study_uid,
                               str(job_id), job.model, 0, False, "series not loadable")
+            self.audit.record(events.job, "failed", str(job_id), job.model, "", study_uid,
+                              series_uid, error="InconsistentSeriesError")
+            if self.metrics is not None:
+                self.metrics.job_finished(job.model, "failed")
             raise RemoteJobError(422, reason, "failed") from None
         keys = [wire.slice_key(self._secret, job.key, uid) for uid in volume.sop_instance_uids]
         attributes = self._attributes(manifest, rows, volume)

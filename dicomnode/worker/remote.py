@@ -251,6 +251,8 @@ class RemoteWorker:
         self._pool: Any = None
         self._versions: dict[str, str] = {}
         self.max_volume_bytes = 8 << 30
+        self._spool_lock = threading.Lock()
+        self._uploading: set[int] = set()
 
     # -- the storage folder ------------------------------------------------------------
 
@@ -316,12 +318,25 @@ class RemoteWorker:
                 if failing:
                     LOG.info("the node answers heartbeats again")
                 failing = False
+                self._flush_spool()
             except TokenRefused as exc:
                 LOG.error("%s", exc)
             except Exception as exc:
                 if not failing:
                     LOG.warning("heartbeat not delivered: %s", exc)
                 failing = True
+
+    def _flush_spool(self) -> None:
+        """Hand back results left from a node outage longer than the retry window, or
+        from before a restart of this worker (the job in hand is the task's business)."""
+        for path in sorted((self.storage / SPOOL).glob("job-*.wire")):
+            try:
+                job_id = int(path.stem.split("-", 1)[1])
+            except ValueError:
+                continue
+            if job_id != self._job and not self._stop.is_set():
+                LOG.info("job %d: handing back a result left in %s", job_id, path.parent)
+                self._hand_back(job_id, path)
 
     # -- one job --------------------------------------------------------------------------
 
@@ -377,7 +392,10 @@ class RemoteWorker:
                 seconds = time.perf_counter() - started
             except Exception as exc:
                 LOG.exception("job %d: the model failed", job_id)
-                answer = self.client.fail(job_id, f"{type(exc).__name__}: {exc}")
+                try:
+                    answer = self.client.fail(job_id, f"{type(exc).__name__}: {exc}")
+                except NodeAnswer as refused:  # the lease went meanwhile: not ours to say
+                    return f"job {job_id}: model failed; {refused.reason}"
                 return f"job {job_id}: model failed; the job is now {answer.get('state')}"
             head = wire.labels_header(
                 job_id=job_id, model=prediction.model_name or model,
@@ -396,6 +414,10 @@ class RemoteWorker:
         return self._hand_back(job_id, spooled)
 
     def _hand_back(self, job_id: int, spooled: Path) -> str:
+        with self._spool_lock:
+            if job_id in self._uploading:
+                return f"job {job_id}: being handed back already"
+            self._uploading.add(job_id)
         try:
             answer = self.client.result(job_id, spooled)
         except NodeAnswer as exc:
@@ -403,8 +425,12 @@ class RemoteWorker:
             LOG.warning("job %d: result not taken: %s", job_id, exc.reason)
             return f"job {job_id}: result not taken ({exc.reason})"
         except NodeUnavailable as exc:
-            LOG.error("%s; the result stays in %s for the next attempt", exc, spooled)
+            LOG.error("%s; the result stays in %s and is handed back when the node answers",
+                      exc, spooled)
             return f"job {job_id}: node unavailable"
+        finally:
+            with self._spool_lock:
+                self._uploading.discard(job_id)
         spooled.unlink(missing_ok=True)
         self.jobs_done += 1
         state = answer.get("state")
