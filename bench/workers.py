@@ -19,7 +19,9 @@ logged) is started before the clock starts.
 * **celery, k workers**: ``queue.backend: celery``; with k = 1 also one study at a time
   (the per-job overhead = median remote job wall - median in-process job wall: hand-off,
   claim, volume transfer, upload, on top of the same load/model/encode work), then all
-  ``--studies`` at once: studies per minute = studies / (first job added -> last job done).
+  ``--studies`` at once, in one association (the node completes a study when the
+  association that brought it is released, so the jobs are all added at one instant):
+  studies per minute = studies / (first job added -> last job done).
 
 Each worker gets ``OMP_NUM_THREADS = max(1, cpus // k)`` so that k workers share the
 CPUs instead of oversubscribing them; on a GPU site each worker has its own GPU and the
@@ -154,7 +156,10 @@ class Node:
         cfg: dict[str, Any] = {
             "ae_title": "NODE", "bind_address": "127.0.0.1", "port": self.port,
             "storage": str(self.storage), "models_dir": str(ROOT / "models"),
-            "completion": {"quiet_seconds": 1.0}, "http": {"port": self.http_port},
+            # a study completes when the association that brought it is released: the
+            # batch, sent in one association, becomes jobs all at the same instant
+            "completion": {"quiet_seconds": 3600, "on_association_release": True},
+            "http": {"port": self.http_port},
             "audit": {"enabled": False},
             "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                               "port": pacs_port, "objects": ["seg", "sr"]}],
@@ -218,8 +223,9 @@ def start_workers(base: Path, k: int, broker: str, node: Node) -> list[Proc]:
     return procs
 
 
-def send(node: Node, folder: Path) -> None:
-    files = sorted(str(p) for p in folder.glob("*.dcm"))
+def send(node: Node, *folders: Path) -> None:
+    """Every file of ``folders`` in one association (storescu)."""
+    files = [str(p) for folder in folders for p in sorted(folder.glob("*.dcm"))]
     r = subprocess.run(["storescu", "-aec", "NODE", "127.0.0.1", str(node.port), *files],
                        env=ENV, capture_output=True, text=True, timeout=900)
     if r.returncode != 0:
@@ -270,8 +276,8 @@ def run_config(label: str, base: Path, studies: list[Path], sequential: int,
                 if i:
                     walls.append(updated - created)
                     models.append(float((result or {}).get("model_seconds", 0.0)))
-            for study in studies[sequential + 1 :]:  # all at once
-                send(node, study)
+            if studies[sequential + 1 :]:  # all at once: one association
+                send(node, *studies[sequential + 1 :])
             jobs = wait_done(node, len(studies), timeout)
             batch = jobs[sequential + 1 :]
             elapsed = max(j[3] for j in batch) - min(j[2] for j in batch) if batch else 0.0
