@@ -124,10 +124,11 @@ class NodeClient:
                 if once or exc.status not in _RETRY_STATUS:
                     raise
                 problem = str(exc)
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (requests.RequestException, wire.WireError) as exc:
+                # no answer, or a transfer cut or damaged on the way (checked by the format)
                 if once:
                     raise NodeUnavailable(f"{what}: the node does not answer ({exc})") from None
-                problem = type(exc).__name__
+                problem = f"{type(exc).__name__}: {exc}"[:300]
             if time.monotonic() + delay > deadline:
                 raise NodeUnavailable(f"{what}: the node did not answer for"
                                       f" {self.retry_seconds:.0f} s ({problem})")
