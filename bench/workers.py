@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--tmp", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.studies, args.sequential, args.workers = 2, 2, "1,2"
@@ -343,7 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                 ok = ok and r["one_result_set_each"]
                 results.append(r)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if args.keep:
+            print(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     base = results[0]
     remote_seq = next(r for r in results[1:] if r["job_wall_s"])
     overhead = statistics.median(remote_seq["job_wall_s"]) - statistics.median(base["job_wall_s"])

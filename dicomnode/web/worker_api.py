@@ -209,6 +209,7 @@ def make_worker_api(service: RemoteJobs, token_hashes: list[str],
         if not isinstance(expected, Expected):
             return JSONResponse(expected)  # already done: nothing more to read
         decoder = wire.Decoder(wire.LABELS_FORMAT, (wire.LABELS_DTYPE,), expected.max_bytes)
+        started = time.perf_counter()
         try:
             async for chunk in request.stream():
                 decoder.feed(chunk)
@@ -217,7 +218,7 @@ def make_worker_api(service: RemoteJobs, token_hashes: list[str],
             LOG.warning("job %d: unreadable result from worker %s: %s", job_id, worker, exc)
             raise RemoteJobError(400, f"unreadable result: {exc}") from None
         outcome = await run_in_threadpool(service.finish_result, expected, owner, worker,
-                                          header, labels)
+                                          header, labels, time.perf_counter() - started)
         return JSONResponse(outcome)
 
     J = "/jobs/{job:int}"

@@ -160,7 +160,8 @@ class NodeClient:
                                   stream=True, timeout=self.timeout) as resp:
                 if resp.status_code != 200:
                     self._answer(resp)
-                decoder = wire.Decoder(wire.VOLUME_FORMAT, wire.VOLUME_DTYPES, max_bytes)
+                decoder = wire.Decoder(wire.VOLUME_FORMAT, wire.VOLUME_DTYPES, max_bytes,
+                                       as_dtype="float32")  # what models take
                 for chunk in resp.iter_content(chunk_size=1 << 20):
                     decoder.feed(chunk)
                 return decoder.finish()
@@ -380,8 +381,10 @@ class RemoteWorker:
         beat.start()
         try:
             try:
+                fetch_started = time.perf_counter()
                 header, array = self.client.input(job_id, self.config.worker.input_codec,
                                                   self.max_volume_bytes)
+                fetched = time.perf_counter() - fetch_started
             except NodeAnswer as exc:
                 LOG.warning("job %d: the node will not send its input: %s", job_id, exc.reason)
                 return f"job {job_id}: {exc.reason}"
@@ -406,7 +409,8 @@ class RemoteWorker:
                 worker=self.name)
             labels = np.ascontiguousarray(prediction.labels, dtype=np.uint8)
             _atomic_chunks(spooled, wire.encode(head, labels, "deflate"))
-            LOG.info("job %d: %s ran in %.2f s on %s", job_id, model, seconds, prediction.device)
+            LOG.info("job %d: %s ran in %.2f s on %s (input fetched in %.2f s)", job_id, model,
+                     seconds, prediction.device, fetched)
         finally:
             done.set()
         if lost.is_set():
@@ -419,6 +423,7 @@ class RemoteWorker:
             if job_id in self._uploading:
                 return f"job {job_id}: being handed back already"
             self._uploading.add(job_id)
+        started = time.perf_counter()
         try:
             answer = self.client.result(job_id, spooled)
         except NodeAnswer as exc:
@@ -435,8 +440,8 @@ class RemoteWorker:
         spooled.unlink(missing_ok=True)
         self.jobs_done += 1
         state = answer.get("state")
-        LOG.info("job %d handed back: %s%s", job_id, state,
-                 " (already done)" if answer.get("already") else "")
+        LOG.info("job %d handed back: %s%s in %.2f s", job_id, state,
+                 " (already done)" if answer.get("already") else "", time.perf_counter() - started)
         return f"job {job_id}: {state}"
 
     # -- the Celery worker -----------------------------------------------------------------

@@ -109,11 +109,13 @@ class Decoder:
 
     ``expect``: the header's ``format``. ``dtypes``: the dtypes accepted. ``max_bytes``: the
     largest decoded array accepted (checked against the header before anything is
-    allocated).
+    allocated). ``as_dtype``: the dtype of the array made (default: the header's).
     """
 
-    def __init__(self, expect: str, dtypes: Sequence[str], max_bytes: int) -> None:
+    def __init__(self, expect: str, dtypes: Sequence[str], max_bytes: int,
+                 as_dtype: str | None = None) -> None:
         self.expect = expect
+        self.as_dtype = as_dtype  # e.g. float32: converted slice by slice while decoding
         self.dtypes = tuple(dtypes)
         self.max_bytes = int(max_bytes)
         self.header: dict[str, Any] | None = None
@@ -123,6 +125,7 @@ class Decoder:
         self._digest = hashlib.sha256()
         self._done = False
         self._slice_bytes = 0
+        self._pos = 0
 
     def feed(self, chunk: bytes) -> None:
         if self._done:
@@ -130,43 +133,50 @@ class Decoder:
                 raise WireError("data after the end of the stream")
             return
         self._buf += chunk
-        while self._step():
-            pass
+        try:
+            while self._step():
+                pass
+        finally:
+            del self._buf[: self._pos]  # one move per chunk, not one per frame
+            self._pos = 0
+
+    def _avail(self) -> int:
+        return len(self._buf) - self._pos
 
     def _step(self) -> bool:
-        buf = self._buf
+        buf, pos = self._buf, self._pos
         if self.header is None:
-            if len(buf) < len(MAGIC) + 4:
+            start = pos + len(MAGIC) + 4
+            if len(buf) < start:
                 return False
-            if bytes(buf[: len(MAGIC)]) != MAGIC:
+            if bytes(buf[pos : pos + len(MAGIC)]) != MAGIC:
                 raise WireError("not a dicomnode wire stream (bad magic)")
-            (n,) = struct.unpack(">I", buf[len(MAGIC) : len(MAGIC) + 4])
+            (n,) = struct.unpack(">I", buf[start - 4 : start])
             if n > MAX_HEADER_BYTES:
                 raise WireError(f"header of {n} bytes is too large")
-            start = len(MAGIC) + 4
             if len(buf) < start + n:
                 return False
             try:
                 header = json.loads(bytes(buf[start : start + n]).decode("utf-8"))
             except (UnicodeDecodeError, ValueError) as exc:
                 raise WireError(f"header is not JSON: {exc}") from None
-            del buf[: start + n]
+            self._pos = start + n
             self._start(header)
             return True
-        if len(buf) < 4:
+        if self._avail() < 4:
             return False
-        (n,) = struct.unpack(">I", buf[:4])
+        (n,) = struct.unpack(">I", buf[pos : pos + 4])
         assert self.array is not None
         if n == 0:  # end marker + digest
-            if len(buf) < 4 + 32:
+            if self._avail() < 4 + 32:
                 return False
             if self._k != self.array.shape[0]:
                 raise WireError(f"stream ended after {self._k} of {self.array.shape[0]} slices")
-            if not hmac.compare_digest(bytes(buf[4:36]), self._digest.digest()):
+            if not hmac.compare_digest(bytes(buf[pos + 4 : pos + 36]), self._digest.digest()):
                 raise WireError("checksum mismatch: the data was damaged in transit")
-            if len(buf) > 36:
+            if self._avail() > 36:
                 raise WireError("data after the end of the stream")
-            del buf[:36]
+            self._pos = pos + 36
             self._done = True
             return False
         limit = self._slice_bytes if self.header["codec"] == "raw" else \
@@ -175,25 +185,31 @@ class Decoder:
             raise WireError(f"slice {self._k}: frame of {n} bytes, at most {limit} expected")
         if self._k >= self.array.shape[0]:
             raise WireError("more slices than the header announced")
-        if len(buf) < 4 + n:
+        if self._avail() < 4 + n:
             return False
-        payload = bytes(buf[4 : 4 + n])
-        del buf[: 4 + n]
-        if self.header["codec"] == "deflate":
-            d = zlib.decompressobj()
+        with memoryview(buf) as view:
+            payload = view[pos + 4 : pos + 4 + n]
             try:
-                raw = d.decompress(payload, self._slice_bytes)
-            except zlib.error as exc:
-                raise WireError(f"slice {self._k}: not valid deflate data ({exc})") from None
-            if not d.eof or d.unconsumed_tail:
-                raise WireError(f"slice {self._k}: does not decompress to one slice")
-        else:
-            raw = payload
-        if len(raw) != self._slice_bytes:
-            raise WireError(f"slice {self._k}: {len(raw)} bytes, {self._slice_bytes} expected")
-        self._digest.update(raw)
-        self.array[self._k] = np.frombuffer(
-            raw, dtype=self.array.dtype.newbyteorder("<")).reshape(self.array.shape[1:])
+                if self.header["codec"] == "deflate":
+                    d = zlib.decompressobj()
+                    try:
+                        raw: bytes | memoryview = d.decompress(payload, self._slice_bytes)
+                    except zlib.error as exc:
+                        raise WireError(f"slice {self._k}: not valid deflate data ({exc})"
+                                        ) from None
+                    if not d.eof or d.unconsumed_tail:
+                        raise WireError(f"slice {self._k}: does not decompress to one slice")
+                else:
+                    raw = payload
+                if len(raw) != self._slice_bytes:
+                    raise WireError(f"slice {self._k}: {len(raw)} bytes, {self._slice_bytes}"
+                                    " expected")
+                self._digest.update(raw)
+                self.array[self._k] = np.frombuffer(
+                    raw, dtype=self._wire_dtype).reshape(self.array.shape[1:])
+            finally:
+                payload.release()
+        self._pos = pos + 4 + n
         self._k += 1
         return True
 
@@ -219,8 +235,14 @@ class Decoder:
             raise WireError(f"an array of {total} bytes is larger than the {self.max_bytes}"
                             " accepted")
         self._slice_bytes = shape[1] * shape[2] * itemsize
+        if self.as_dtype is not None:
+            total = max(total, math.prod(shape) * np.dtype(self.as_dtype).itemsize)
+            if total > self.max_bytes:
+                raise WireError(f"an array of {total} bytes is larger than the"
+                                f" {self.max_bytes} accepted")
         self.header = header
-        self.array = np.empty(shape, dtype=np.dtype(dtype))
+        self._wire_dtype = np.dtype(dtype).newbyteorder("<")
+        self.array = np.empty(shape, dtype=np.dtype(self.as_dtype or dtype))
 
     def finish(self) -> tuple[dict[str, Any], np.ndarray]:
         """The header and the array; raises :class:`WireError` if the stream is incomplete."""
@@ -256,11 +278,13 @@ def volume_array(volume: Volume) -> np.ndarray:
     array = volume.array
     if array.dtype != np.float32:
         array = array.astype(np.float32)
-    if array.size and float(array.min()) >= -32768 and float(array.max()) <= 32767:
-        as_int = array.astype(np.int16)
-        if np.array_equal(as_int, array):
-            return as_int
-    return array
+    out = np.empty(array.shape, dtype=np.int16)
+    with np.errstate(invalid="ignore"):  # NaN/inf: not int16, caught by the comparison
+        for k in range(array.shape[0]):  # slice by slice: in cache, no big temporaries
+            out[k] = array[k]  # out-of-range values wrap, and then differ below
+            if not np.array_equal(out[k], array[k]):
+                return array
+    return out
 
 
 def volume_header(volume: Volume, *, job_id: int, model: str, slice_keys: Sequence[str],
