@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -256,6 +257,56 @@ def delivered(out: Path) -> dict[str, int]:
     return counts
 
 
+# -- where a remote job's time goes (from the logs) ---------------------------------------------
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _when(line: str) -> float | None:
+    m = _STAMP.match(line)
+    if m is None:
+        return None
+    return time.mktime(time.strptime(m.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + \
+        int(m.group(1)[20:]) / 1000.0
+
+
+def phases(node_log: str, worker_logs: list[str]) -> dict[str, float]:
+    """Medians over the jobs of the steps only a remote job has: the hand-off (job added ->
+    claimed by a worker), the volume's trip (the worker's fetch time minus the node's series
+    loading), and the way back (the node reading and storing the result)."""
+    added: dict[str, float] = {}
+    claimed: dict[str, float] = {}
+    loaded: dict[str, float] = {}
+    back: dict[str, float] = {}
+    fetched: dict[str, float] = {}
+    for line in node_log.splitlines():
+        at = _when(line)
+        if at is None:
+            continue
+        if m := re.search(r"job (\d+) added:", line):
+            added[m.group(1)] = at
+        elif m := re.search(r"job (\d+) \(\S+\) claimed by worker", line):
+            claimed[m.group(1)] = at
+        elif m := re.search(r"job (\d+): volume \S+ \(\w+\) sent to worker", line):
+            loaded[m.group(1)] = at
+        elif m := re.search(r"job (\d+) done by worker .*result read in ([\d.]+) s, checked"
+                            r" and stored in ([\d.]+) s", line):
+            back[m.group(1)] = float(m.group(2)) + float(m.group(3))
+    for log in worker_logs:
+        for m in re.finditer(r"job (\d+): \S+ ran in [\d.]+ s on \S+ \(input fetched in"
+                             r" ([\d.]+) s\)", log):
+            fetched[m.group(1)] = float(m.group(2))
+    jobs = sorted(set(claimed) & set(added) & set(loaded) & set(fetched) & set(back))
+    if not jobs:
+        return {}
+    return {
+        "handoff_s": statistics.median(claimed[j] - added[j] for j in jobs),
+        "volume_trip_s": statistics.median(fetched[j] - (loaded[j] - claimed[j]) for j in jobs),
+        "result_trip_s": statistics.median(back[j] for j in jobs),
+        "jobs": len(jobs),
+    }
+
+
 # -- one configuration ------------------------------------------------------------------------
 
 
@@ -287,7 +338,9 @@ def run_config(label: str, base: Path, studies: list[Path], sequential: int,
             for w in workers:
                 w.stop()
             node.stop()
+        steps = phases(node.log(), [w.log() for w in workers]) if workers else {}
     return {
+        "remote_steps": steps,
         "config": label, "workers": k, "studies": len(studies) - 1, "sequential": sequential,
         "job_wall_s": walls, "model_s": models,
         "batch_studies": len(batch), "batch_elapsed_s": elapsed,
@@ -361,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:<24}{spm:>12}{r['batch_elapsed_s']:>10.1f}{wall:>12}{model:>10}")
     print(f"\nper-job overhead of the broker (median job wall, 1 worker vs in-process):"
           f" {overhead:+.2f} s")
+    for r in results[1:]:
+        st = r["remote_steps"]
+        if st:
+            print(f"  {r['config']}: steps only a remote job has (medians over {st['jobs']}"
+                  f" jobs): hand-off {st['handoff_s']:.2f} s, volume trip"
+                  f" {st['volume_trip_s']:.2f} s, result trip {st['result_trip_s']:.2f} s")
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpus": os.cpu_count(),
               "slices": args.slices, "size": args.size, "model": MODEL,
               "smoke": args.smoke, "results": results, "broker_overhead_s": overhead}
