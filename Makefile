@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup system-deps bench clean
+.PHONY: run test setup system-deps bench bench-workers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: setup system-deps
 
 bench: setup system-deps
 	$(PY) bench/ingest.py $(BENCH_ARGS)
+
+# remote workers (Celery on Redis): studies/min with 1, 2, 4 workers; BENCH_ARGS=--smoke
+bench-workers: setup system-deps
+	$(PY) bench/workers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) dicomnode-data .pytest_cache

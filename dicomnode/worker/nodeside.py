@@ -101,6 +101,25 @@ class RemoteSide:
         if metrics is not None:
             metrics.attach(jobs_by_model=queue.counts_by_model, broker=self._broker,
                            workers=self.registry.list)
+        if cfg.inference.preload and cfg.routing:
+            import threading
+
+            threading.Thread(target=self._warm_up, args=(cfg,), name="result-warm-up",
+                             daemon=True).start()
+
+    def _warm_up(self, cfg: NodeConfig) -> None:
+        """The node still encodes and checks every result: warm that path up once (as the
+        in-process worker's preload does), in the background."""
+        from dicomnode.results import kinds_for, warm_up
+
+        kinds = kinds_for(cfg.destinations)
+        if not kinds:
+            return
+        for name in sorted({r.model for r in cfg.routing}):
+            try:
+                warm_up(self.jobs.pool.manifest(name), kinds)
+            except Exception:
+                LOG.exception("warming up the result path for %s failed", name)
 
     def _broker(self) -> dict[str, Any]:
         out: dict[str, Any] = {"handoffs_waiting": self.queue.handoffs_waiting()}
