@@ -251,8 +251,11 @@ def delivered(out: Path) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     for path in out.iterdir():
-        m = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
-                .Modality)
+        try:
+            m = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+                    .Modality)
+        except Exception:  # storescp is still writing it
+            continue
         counts[m] = counts.get(m, 0) + 1
     return counts
 

@@ -180,7 +180,10 @@ class DicomReceiver:
 
         out: dict[str, list[Path]] = {}
         for path in sorted(self.outdir.iterdir()):
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+            except Exception:  # storescp is still writing it: not received yet
+                continue
             out.setdefault(str(ds.Modality), []).append(path)
         return out
 
