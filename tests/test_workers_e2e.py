@@ -59,8 +59,17 @@ def _job_state(node: Any) -> str | None:
 
 def _results(receiver: DicomReceiver, node: Any, timeout: float = 120) -> dict[str, list[Path]]:
     def arrived() -> dict[str, list[Path]] | None:
+        import pydicom
+
         got = receiver.received()
-        return got if got.get("SEG") and got.get("SR") else None
+        if not (got.get("SEG") and got.get("SR")):
+            return None
+        try:  # whole files: storescp may still be writing the last one
+            for path in got["SEG"] + got["SR"]:
+                pydicom.dcmread(path)
+        except Exception:
+            return None
+        return got
 
     return node.wait_for(arrived, timeout=timeout, interval=0.5)  # type: ignore[no-any-return]
 
