@@ -42,7 +42,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dicomnode.audit.recorder import Audit, NullAudit
 from dicomnode.worker import wire
-from dicomnode.worker.handback import Expected, RemoteJobError, RemoteJobs
+from dicomnode.worker.checks import Expected
+from dicomnode.worker.handback import RemoteJobError, RemoteJobs
 
 LOG = logging.getLogger(__name__)
 

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -50,14 +48,22 @@ from dicomnode.inference.manifest import Manifest, load_manifest
 from dicomnode.queue.base import Job, JobState, LeaseLostError
 from dicomnode.queue.celery import CeleryJobQueue
 from dicomnode.worker import wire
+from dicomnode.worker.checks import (
+    Expected,
+    check_labels,
+    list_field,
+    model_name_field,
+    number_field,
+    optional_int,
+    plain_value,
+    text_field,
+)
 from dicomnode.worker.registry import WorkerRegistry
 
 LOG = logging.getLogger(__name__)
 
 SECRET_FILENAME = ".worker-secret"
 INPUT_RECORD = "remote-input.json"
-MAX_MEASUREMENT_NAME = 64
-MAX_UNIT = 32
 
 
 class RemoteJobError(DicomNodeError):
@@ -68,20 +74,6 @@ class RemoteJobError(DicomNodeError):
         self.status = status
         self.reason = reason
         self.state = state
-
-
-@dataclass(frozen=True)
-class Expected:
-    """What the node sent for a job (``remote-input.json``): the result must match it."""
-
-    job: Job
-    shape: tuple[int, int, int]
-    sop_instance_uids: tuple[str, ...]
-    slice_keys: tuple[str, ...]
-
-    @property
-    def max_bytes(self) -> int:
-        return int(math.prod(self.shape))  # uint8 labels
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o640) -> None:
@@ -221,13 +213,13 @@ class RemoteJobs:
     def heartbeat(self, beat: dict[str, Any], address: str) -> dict[str, Any]:
         try:
             info = self.registry.beat(
-                name=_text(beat, "name", 64), owner=_text(beat, "owner", 200),
-                host=_text(beat, "host", 255), address=address,
-                models=[_check_name(m) for m in _list(beat, "models")],
-                device=_text(beat, "device", 64), version=_text(beat, "version", 32),
-                state=_text(beat, "state", 16), job_id=_opt_int(beat.get("job_id")),
-                interval=_number(beat, "interval"), started_at=_number(beat, "started_at"),
-                jobs_done=int(_number(beat, "jobs_done")))
+                name=text_field(beat, "name", 64), owner=text_field(beat, "owner", 200),
+                host=text_field(beat, "host", 255), address=address,
+                models=[model_name_field(m) for m in list_field(beat, "models")],
+                device=text_field(beat, "device", 64), version=text_field(beat, "version", 32),
+                state=text_field(beat, "state", 16), job_id=optional_int(beat.get("job_id")),
+                interval=number_field(beat, "interval"), started_at=number_field(beat, "started_at"),
+                jobs_done=int(number_field(beat, "jobs_done")))
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteJobError(400, f"invalid heartbeat: {exc}") from None
         manifests: dict[str, str | None] = {}
@@ -412,9 +404,9 @@ class RemoteJobs:
             if value is None or value == "":
                 continue
             if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-                out[keyword] = [_plain(v) for v in value]
+                out[keyword] = [plain_value(v) for v in value]
             else:
-                out[keyword] = _plain(value)
+                out[keyword] = plain_value(value)
         return out
 
     # -- result ----------------------------------------------------------------------------
@@ -520,67 +512,6 @@ class RemoteJobs:
         return {"job": job.id, "state": "done", "objects": result["objects"]}
 
 
-# -- checks --------------------------------------------------------------------------------
-
-
-def check_labels(header: dict[str, Any], labels: np.ndarray, expected: Expected,
-                 manifest: Manifest) -> np.ndarray:
-    """The label map in the node's slice order, once it matches the job and the manifest;
-    raises :class:`~dicomnode.worker.wire.WireError` naming what does not."""
-    job = expected.job
-    if header.get("job") != job.id:
-        raise wire.WireError(f"the result is for job {header.get('job')!r}, not {job.id}")
-    if header.get("model") != manifest.name or header.get("model_version") != manifest.version:
-        raise wire.WireError(
-            f"made by {header.get('model')!r} {header.get('model_version')!r}; the node's"
-            f" manifest is {manifest.name} {manifest.version} (update the worker's model)")
-    if tuple(labels.shape) != expected.shape:
-        raise wire.WireError(f"label map shape {tuple(labels.shape)}, the volume was"
-                             f" {expected.shape}")
-    if labels.dtype != np.uint8:
-        raise wire.WireError(f"label map dtype {labels.dtype}, uint8 expected")
-    keys = header.get("slice_keys")
-    if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(expected.slice_keys):
-        raise wire.WireError("slice_keys do not match the slices that were sent")
-    if len(set(keys)) != len(keys):
-        raise wire.WireError("slice_keys repeat a slice")
-    position = {k: i for i, k in enumerate(keys)}
-    order = [position[k] for k in expected.slice_keys]
-    ordered = labels if order == list(range(len(order))) else labels[order]
-    allowed = {0} | {label.value for label in manifest.labels}
-    top = int(ordered.max()) if ordered.size else 0
-    if not set(range(top + 1)) <= allowed:  # the usual 0..N needs no pass over the voxels
-        lut = np.zeros(256, dtype=bool)
-        lut[sorted(allowed)] = True
-        bad = ~lut[ordered]
-        if bad.any():
-            present = set(np.unique(ordered[bad]).tolist())
-            raise wire.WireError(f"label values {sorted(present)} are not in the manifest"
-                                 f" (allowed: {sorted(allowed)})")
-    names = {label.name for label in manifest.labels} | {"total"}
-    measurements = header.get("measurements")
-    if not isinstance(measurements, dict):
-        raise wire.WireError("measurements: a mapping of label name to quantities expected")
-    for name, quantities in measurements.items():
-        if name not in names:
-            raise wire.WireError(f"measurements: {name!r} is not a label of the manifest")
-        if not isinstance(quantities, dict):
-            raise wire.WireError(f"measurements.{name}: a mapping of quantity to value expected")
-        for q, v in quantities.items():
-            if (not isinstance(q, str) or not 0 < len(q) <= MAX_MEASUREMENT_NAME
-                    or not isinstance(v, list) or len(v) != 2
-                    or not isinstance(v[0], int | float) or isinstance(v[0], bool)
-                    or not math.isfinite(v[0]) or not isinstance(v[1], str)
-                    or not 0 < len(v[1]) <= MAX_UNIT):
-                raise wire.WireError(f"measurements.{name}.{q}: [finite value, unit] expected")
-    seconds = header.get("seconds")
-    if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
-        raise wire.WireError("seconds: a finite, non-negative number expected")
-    if not isinstance(header.get("device"), str) or len(header["device"]) > 64:
-        raise wire.WireError("device: a short string expected")
-    return np.ascontiguousarray(ordered)
-
-
 def _not_runnable(job: Job) -> str:
     if job.state is JobState.LEASED:
         return f"job {job.id} is running on another worker"
@@ -589,49 +520,3 @@ def _not_runnable(job: Job) -> str:
     if job.state is JobState.FAILED:
         return f"job {job.id} has failed: {job.last_error}"
     return f"job {job.id} waits until {time.strftime('%H:%M:%S', time.localtime(job.not_before))}"
-
-
-def _plain(value: Any) -> Any:
-    """A header value as plain JSON (pydicom's DS/IS are float/int subclasses)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value) if math.isfinite(value) else None
-    return str(value)
-
-
-def _text(d: dict[str, Any], key: str, limit: int) -> str:
-    value = d[key]
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise ValueError(f"{key}: a string of 1..{limit} characters expected")
-    return value
-
-
-def _list(d: dict[str, Any], key: str) -> list[Any]:
-    value = d.get(key, [])
-    if not isinstance(value, list) or len(value) > 256:
-        raise ValueError(f"{key}: a list expected")
-    return value
-
-
-def _check_name(value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > 64:
-        raise ValueError("models: names of 1..64 characters expected")
-    return value
-
-
-def _number(d: dict[str, Any], key: str) -> float:
-    value = d[key]
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{key}: a number expected")
-    return float(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError("job_id: an integer expected")
-    return value

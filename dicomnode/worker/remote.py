@@ -43,7 +43,7 @@ import numpy as np
 from dicomnode import __version__
 from dicomnode.config import NodeConfig
 from dicomnode.errors import ConfigError, DicomNodeError
-from dicomnode.queue.celery import TASK_NAME, make_celery_app, queue_name, redact_url
+from dicomnode.queue.celery_app import TASK_NAME, make_celery_app, queue_name, redact_url
 from dicomnode.worker import wire
 
 LOG = logging.getLogger(__name__)
