@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup system-deps viewer viewer-if-npm bench clean conformance
+.PHONY: run test setup system-deps viewer viewer-if-npm bench bench-workers clean conformance
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench: setup system-deps
 
 conformance: setup
 	$(PY) -m dicomnode.conformance --write
+
+# remote workers (Celery on Redis): studies/min with 1, 2, 4 workers; BENCH_ARGS=--smoke
+bench-workers: setup system-deps
+	$(PY) bench/workers.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) dicomnode-data .pytest_cache

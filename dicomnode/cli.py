@@ -1,6 +1,7 @@
 """The command line: the only place that parses argv, sets up logging and exits.
 
     dicomnode serve [--config FILE] [--aet AET] [--port N] [--bind ADDR] [--storage DIR]
+    dicomnode worker --config FILE [--storage DIR]
     dicomnode echo HOST PORT [--aet AET] [--aec AET]
     dicomnode send PATH... --to AET@HOST:PORT [--aet AET]
     dicomnode demo [--to AET@HOST:PORT] [--config FILE]
@@ -76,6 +77,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run models for a node (queue.backend celery), perhaps on another machine."""
+    from dicomnode.worker.remote import RemoteWorker, TokenRefused
+
+    config = _load(args)
+    _setup_logging(config.log_level)
+    logging.getLogger("celery").setLevel(logging.WARNING)
+    logging.getLogger("kombu").setLevel(logging.WARNING)
+    storage = args.storage or Path("dicomnode-worker")
+    worker = RemoteWorker(config, storage)
+    try:
+        return worker.run()
+    except TokenRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        worker.close()
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -164,10 +184,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         index.close()
     jobs = _jobs(config.storage)
+    from dicomnode.worker.nodeside import status_lines, status_report  # issue 12
+
+    queues = status_report(config)
     if args.json:
-        print(json.dumps({"storage": str(config.storage), "studies": studies, "jobs": jobs},
-                         indent=2))
+        print(json.dumps({"storage": str(config.storage), "studies": studies, "jobs": jobs,
+                          "queues": queues}, indent=2))
         return EXIT_OK
+    for line in status_lines(queues):
+        print(line)
     if not studies:
         print("no studies")
         return EXIT_OK
@@ -499,6 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bind", help="address to listen on")
     s.add_argument("--storage", type=Path, help="storage folder")
     s.set_defaults(func=cmd_serve)
+
+    w = sub.add_parser("worker", help="run models for a node (queue.backend celery), from"
+                       " this or another machine")
+    w.add_argument("--config", type=Path, required=True,
+                   help="config with queue.url, worker.node_url and worker.token")
+    w.add_argument("--storage", type=Path, help="this worker's own folder (default"
+                   " ./dicomnode-worker)")
+    w.set_defaults(func=cmd_worker)
 
     e = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     e.add_argument("host")

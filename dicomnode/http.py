@@ -1,6 +1,8 @@
 """The node's HTTP front door: DICOMweb under /dicom-web, the status page at /
 (:mod:`dicomnode.web.status`), OHIF at /viewer/ (:mod:`dicomnode.web.viewer`), /healthz,
-/readyz and /metrics for IT's monitoring, and, with tokens, /login for browsers.
+/readyz and /metrics for IT's monitoring, with tokens /login for browsers, and
+(queue.backend celery) the worker API under /workers/v1 (:mod:`dicomnode.web.worker_api`,
+worker tokens only).
 
 * DICOMweb, the status page and the viewer need a bearer token (or, for a browser, the
   session cookie /login gives for one) whenever the config lists any (and the config
@@ -85,9 +87,10 @@ def make_app(config: NodeConfig, spool: Spool, index: Index, *,
 def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
               databases: list[Path], scheduler: Callable[[], Any],
               audit: Audit | None = None, *, queue: JobQueue | None = None,
-              outbox: Outbox | None = None) -> Starlette:
+              outbox: Outbox | None = None, workers: ASGIApp | None = None) -> Starlette:
     """The whole HTTP application. ``queue`` and ``outbox`` (when the node runs models
-    and has destinations) feed the status page."""
+    and has destinations) feed the status page; ``workers`` is the worker API (queue
+    backend celery), mounted under its own prefix with its own tokens."""
     hc = config.http
     tokens = {t.name: t.sha256.lower() for t in hc.tokens} or None
     # browsers (the status page, OHIF at /viewer/) sign in once at /login; the cookie then reads
@@ -138,13 +141,18 @@ def build_app(config: NodeConfig, spool: Spool, index: Index, metrics: Metrics,
             allow_headers=["Authorization", "Accept", "Content-Type"],
             allow_credentials=hc.cors_allow_credentials,
         ))
-    return Starlette(routes=[
+    routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         *pages,
-        Mount("/", app=dicomweb),
-    ], middleware=middleware)
+    ]
+    if workers is not None:  # the worker API (queue.backend celery), its own tokens
+        from dicomnode.web.worker_api import PREFIX
+
+        routes.append(Mount(PREFIX, app=workers))
+    routes.append(Mount("/", app=dicomweb))
+    return Starlette(routes=routes, middleware=middleware)
 
 
 def start_http(config: NodeConfig, app: Starlette) -> ServerHandle:

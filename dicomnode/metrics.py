@@ -100,6 +100,10 @@ class _StateCollector(Collector):
         self.oldest_pending_age: Callable[[], float | None] | None = None
         self.exports: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None
         self.index_stats: Callable[[], IndexStats] | None = None
+        # issue 12: remote workers (queue.backend celery)
+        self.jobs_by_model: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None
+        self.broker: Callable[[], Mapping[str, Any]] | None = None
+        self.workers: Callable[[], Iterable[Any]] | None = None
 
     def describe(self) -> Iterable[Metric]:
         return [
@@ -117,6 +121,7 @@ class _StateCollector(Collector):
                               "Study completions (revisions) recorded in the index"),
             GaugeMetricFamily(f"{PREFIX}_metrics_source_up",
                               "Whether a scrape-time source answered", labels=["source"]),
+            *_worker_families().values(),
         ]
 
     def collect(self) -> Iterable[Metric]:
@@ -124,7 +129,8 @@ class _StateCollector(Collector):
                                "Whether a scrape-time source answered", labels=["source"])
         out: list[Metric] = []
         for name, fn in (("queue", self._queue), ("exports", self._exports),
-                         ("index", self._index)):
+                         ("index", self._index), ("jobs_by_model", self._by_model),
+                         ("broker", self._broker), ("workers", self._workers)):
             try:
                 families = fn()
             except Exception:
@@ -190,6 +196,69 @@ class _StateCollector(Collector):
         return [inst, studies, comps]
 
 
+    # -- issue 12: per-model queue depth, the broker, remote workers' heartbeats ----------
+
+    def _by_model(self) -> list[Metric] | None:
+        if self.jobs_by_model is None:
+            return None
+        fam = _worker_families()["jobs_by_model"]
+        for model, states in sorted(self.jobs_by_model().items()):
+            for state, n in sorted((_label(k), v) for k, v in states.items()):
+                fam.add_metric([str(model), state], float(n))
+        return [fam]
+
+    def _broker(self) -> list[Metric] | None:
+        if self.broker is None:
+            return None
+        report = self.broker()
+        f = _worker_families()
+        for queue, kinds in sorted((report.get("queues") or {}).items()):
+            for kind, n in sorted(kinds.items()):
+                f["broker_messages"].add_metric([str(queue), str(kind)], float(n))
+        f["broker_handoffs_waiting"].add_metric([], float(report.get("handoffs_waiting", 0)))
+        f["broker_up"].add_metric([], 1.0 if report.get("up") else 0.0)
+        return [f["broker_messages"], f["broker_handoffs_waiting"], f["broker_up"]]
+
+    def _workers(self) -> list[Metric] | None:
+        if self.workers is None:
+            return None
+        now = time.time()
+        f = _worker_families()
+        alive = gone = 0
+        for i, w in enumerate(self.workers()):
+            if w.alive(now):
+                alive += 1
+            else:
+                gone += 1
+            if i < MAX_LABEL_VALUES:
+                f["worker_heartbeat_age_seconds"].add_metric([w.name], w.age(now))
+                f["worker_busy"].add_metric(
+                    [w.name], 1.0 if w.alive(now) and w.job_id is not None else 0.0)
+                f["worker_jobs_done"].add_metric([w.name], float(w.jobs_done))
+        f["workers"].add_metric(["alive"], float(alive))
+        f["workers"].add_metric(["gone"], float(gone))
+        return [f["workers"], f["worker_heartbeat_age_seconds"], f["worker_busy"],
+                f["worker_jobs_done"]]
+
+
+def _worker_families() -> dict[str, GaugeMetricFamily]:
+    """Fresh gauge families of the remote-worker metrics (a collector fills new ones per scrape)."""
+    specs = {
+        "jobs_by_model": ("Jobs by model and state", ["model", "state"]),
+        "broker_messages": ("Messages on the broker per queue (one per model): waiting stat,"
+                            " waiting routine, and unacked (held by a worker)", ["queue", "kind"]),
+        "broker_handoffs_waiting": ("Runnable jobs not yet handed to the broker (e.g. while it"
+                                    " is down)", None),
+        "broker_up": ("1 when the node could read the broker at this scrape", None),
+        "workers": ("Remote workers by heartbeat state", ["state"]),
+        "worker_heartbeat_age_seconds": ("Seconds since a worker's last heartbeat", ["worker"]),
+        "worker_busy": ("1 while a worker runs a job", ["worker"]),
+        "worker_jobs_done": ("Jobs a worker handed back since it started", ["worker"]),
+    }
+    return {name: GaugeMetricFamily(f"{PREFIX}_{name}", text, labels=labels)
+            for name, (text, labels) in specs.items()}
+
+
 class Metrics:
     """The node's metrics, in a registry of its own (not prometheus_client's global one).
 
@@ -239,7 +308,10 @@ class Metrics:
                queue_counts: Callable[[], Mapping[Any, int]] | None = None,
                oldest_pending_age: Callable[[], float | None] | None = None,
                exports: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None,
-               index_stats: Callable[[], IndexStats] | None = None) -> Metrics:
+               index_stats: Callable[[], IndexStats] | None = None,
+               jobs_by_model: Callable[[], Mapping[str, Mapping[Any, int]]] | None = None,
+               broker: Callable[[], Mapping[str, Any]] | None = None,
+               workers: Callable[[], Iterable[Any]] | None = None) -> Metrics:
         """Set the scrape-time sources; ``None`` leaves a source as it was.
 
         ``index``: a :class:`dicomnode.core.index.Index` (anything with ``stats()``);
@@ -263,6 +335,12 @@ class Metrics:
             s.exports = exports
         if index_stats is not None:
             s.index_stats = index_stats
+        if jobs_by_model is not None:  # issue 12: remote workers
+            s.jobs_by_model = jobs_by_model
+        if broker is not None:
+            s.broker = broker
+        if workers is not None:
+            s.workers = workers
         return self
 
     # -- events ---------------------------------------------------------------

@@ -47,6 +47,7 @@ from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
 from dicomnode.routing.sink import RoutingSink
 from dicomnode.withdrawal import RejectionGate
 from dicomnode.worker.inference import InferenceWorker
+from dicomnode.worker.nodeside import RemoteSide, open_queue, runs_models_here
 from dicomnode.worker.pool import ModelPool
 
 LOG = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Node:
         self._default_sink = sink is None
         self.sink: CompletionSink = sink or LoggingSink()
         self.queue: SQLiteJobQueue | None = None
+        self.remote: RemoteSide | None = None  # issue 12
         self.worker: InferenceWorker | None = None
         self.outbox: Outbox | None = None
         self.dispatcher: Dispatcher | None = None
@@ -172,15 +174,8 @@ class Node:
         """Routing sink -> durable queue -> in-process inference worker (warm models)."""
         cfg = self.config
         assert self.index is not None
-        self.queue = SQLiteJobQueue(
-            self.layout.jobs_db,
-            backoff_base=cfg.inference.retry_backoff_seconds,
-            backoff_max=cfg.inference.retry_backoff_max_seconds,
-        )
-        # only this process leases jobs: whatever is leased now was abandoned by a crash
-        reaped = self.queue.reap_abandoned(now=float("inf"))
-        if reaped:
-            LOG.warning("%d job(s) were running when the node stopped; they run again", reaped)
+        # SQLite (every lease reaped at start-up) or Celery on Redis (worker/nodeside.py)
+        self.queue = open_queue(cfg)
         if cfg.destinations:
             ec = cfg.export
             self.outbox = Outbox(
@@ -208,7 +203,7 @@ class Node:
                                          after_batch=release_notes)
             gate.release(outbox)  # rejection notes whose new results went out before a stop
             self.dispatcher.start()
-        if cfg.inference.enabled and cfg.routing:
+        if cfg.inference.enabled and cfg.routing and runs_models_here(cfg):  # issue 12
             from dicomnode.inference.device import choose_device
 
             pool = ModelPool(cfg.models_dir, choose_device(cfg.inference.device))
@@ -223,6 +218,11 @@ class Node:
         self.sink = RoutingSink(cfg, self.index, self.queue,
                                 on_job=self.worker.notify if self.worker else None,
                                 audit=self.audit)
+        if cfg.queue.backend == "celery":  # issue 12: the worker API for remote workers
+            self.remote = RemoteSide(cfg, self.index, self.queue, outbox=self.outbox,
+                                     on_enqueued=self.dispatcher.wake if self.dispatcher
+                                     else None, audit=self.audit, metrics=self.metrics,
+                                     withdrawals=self.withdrawals)
         if cfg.retention.enabled:
             self._start_retention()
 
@@ -248,7 +248,8 @@ class Node:
             databases.append(self.layout.jobs_db)
         app = build_app(cfg, self.spool, self.index, self.metrics, databases,
                         scheduler=lambda: self.scheduler, audit=self.audit,
-                        queue=self.queue, outbox=self.outbox or self._retention_outbox)
+                        queue=self.queue, outbox=self.outbox or self._retention_outbox,
+                        workers=self.remote.app if self.remote else None)
         self.http = start_http(cfg, app)
         LOG.info("HTTP (status page, DICOMweb, /healthz, /readyz, /metrics) on %s://%s:%d",
                  "https" if cfg.http.certfile else "http", cfg.http.bind_address,
@@ -374,6 +375,8 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.queue is not None:
             self.queue.close()
+        if self.remote is not None:  # issue 12
+            self.remote.close()
         if self._retention_outbox is not None:
             self._retention_outbox.close()
         self.audit.record(events.application_activity, False, self.config.ae_title,

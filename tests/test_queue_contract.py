@@ -3,8 +3,9 @@
 Every test takes ``queue_factory``, parametrised over :data:`BACKENDS`; a new
 back-end joins by adding one entry there and must pass the very same tests
 (as apscheduler 3.x runs ``tests/test_jobstores.py`` over all its job stores).
-Today only SQLite is listed; Celery on Redis must pass these tests unchanged when
-it is added.
+Two are listed: SQLite, and Celery on a real ``redis-server`` (started by this module
+on a free loopback port, AOF on, in a temp folder; flushed before each test and
+stopped at the end). Broker-specific behaviour is in ``tests/test_queue_celery.py``.
 
 Time is a :class:`FakeClock` moved by the tests: nothing sleeps. The only real
 time is in the multi-process test, where leases are far longer than the test.
@@ -72,12 +73,40 @@ class SQLiteSpec:
         return SQLiteJobQueue(self.path, **kwargs)
 
 
-# Back-ends under test: name -> (tmp_path -> picklable spec that opens a queue on shared
-# storage). Every call of a spec is a new queue object on the same storage: a restart.
-# Celery on Redis goes here later and must pass every test in this file unchanged.
-BACKENDS: dict[str, Callable[[Path], Callable[..., JobQueue]]] = {
-    "sqlite": lambda tmp_path: SQLiteSpec(tmp_path / "jobs.sqlite3"),
+class CelerySpec:
+    """Opens :class:`CeleryJobQueue` on one SQLite file and one Redis; picklable."""
+
+    def __init__(self, path: Path, url: str) -> None:
+        self.path = path
+        self.url = url
+
+    def __call__(self, **kwargs: Any) -> JobQueue:
+        from dicomnode.queue.celery import CeleryJobQueue
+
+        return CeleryJobQueue(self.path, self.url, **kwargs)
+
+
+# Back-ends under test: name -> (tmp_path, broker url -> picklable spec that opens a queue on
+# shared storage). Every call of a spec is a new queue object on the same storage: a restart.
+BACKENDS: dict[str, Callable[[Path, str], Callable[..., JobQueue]]] = {
+    "sqlite": lambda tmp_path, url: SQLiteSpec(tmp_path / "jobs.sqlite3"),
+    "celery": lambda tmp_path, url: CelerySpec(tmp_path / "jobs.sqlite3", url),
 }
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One redis-server for this module's Celery runs."""
+    from redis_server import RedisServer, redis_binary
+
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (make test installs it: "
+                    "scripts/install-system-deps)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.start()
+    finally:
+        server.kill9()
 
 
 class QueueFactory:
@@ -99,7 +128,14 @@ class QueueFactory:
 
 @pytest.fixture(params=sorted(BACKENDS))
 def queue_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QueueFactory]:
-    factory = QueueFactory(BACKENDS[request.param](tmp_path))
+    url = ""
+    if request.param == "celery":
+        server = request.getfixturevalue("broker")
+        client = server.client()
+        client.flushall()
+        client.close()
+        url = server.url
+    factory = QueueFactory(BACKENDS[request.param](tmp_path, url))
     yield factory
     factory.close_all()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dicomnode.errors import ConfigError
 
@@ -62,6 +62,16 @@ class Manifest(_Model):
     outputs: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = ("seg", "sr")
     patch_size: tuple[int, int, int] | None = None
     intensity_window: tuple[float, float] | None = None
+    attributes: tuple[str, ...] = Field(
+        default=(), description="header attributes (DICOM keywords) the model needs besides"
+        " voxels and geometry; sent to remote workers, so none may identify the patient")
+
+    @field_validator("attributes")
+    @classmethod
+    def _shareable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from dicomnode.inference.phi import check_shareable
+
+        return tuple(check_shareable(k) for k in value)
 
 
 def load_manifest(model_dir: Path) -> Manifest:

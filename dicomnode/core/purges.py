@@ -75,6 +75,13 @@ class PurgeLedger:
             "SELECT study_uid FROM retention_purges WHERE state = 'purging'"
             " ORDER BY started_at")]
 
+    def purged_at(self, study_uid: str) -> float | None:
+        """When the study was purged, or None if it never was."""
+        row = self._conn().execute(
+            "SELECT finished_at FROM retention_purges WHERE study_uid = ? AND state = 'purged'",
+            (study_uid,)).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def marker(self, study_uid: str) -> PurgeMarker:
         row = self._conn().execute(
             "SELECT reason, instances, bytes, patient_id, patient_name FROM retention_purges"

@@ -1,8 +1,9 @@
 """The durable, lease-based job queue between routing and the workers.
 
 :class:`JobQueue` is the contract (``base.py``); :class:`SQLiteJobQueue` the
-single-machine back-end (``sqlite.py``). A distributed back-end (Celery on Redis)
-will sit beside it and pass the same contract test.
+single-machine back-end (``sqlite.py``); ``celery.py`` the back-end for workers on other
+machines (records in SQLite, hand-offs through Celery on Redis). Both pass the same
+contract test. ``celery.py`` is not imported here: it needs Celery only when chosen.
 """
 
 from dicomnode.queue.base import (

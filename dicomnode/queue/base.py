@@ -8,8 +8,8 @@ FAILED once ``max_attempts`` are spent). A worker that dies leaves its leases to
 expire; :meth:`JobQueue.reap_abandoned`, called at start-up and periodically,
 puts those jobs back. One enum of states, no marker files.
 
-Every back-end (SQLite today, Celery on Redis later) implements :class:`JobQueue`
-and passes the same contract test, ``tests/test_queue_contract.py``.
+Every back-end (SQLite, Celery on Redis) implements :class:`JobQueue` and passes the
+same contract test, ``tests/test_queue_contract.py``.
 
 Time comes from an injected ``clock`` (seconds since the epoch, default
 :func:`time.time`) so that tests move time instead of sleeping.
