@@ -148,8 +148,9 @@ def test_compose_and_image_agree_with_the_project() -> None:
     assert "data:/var/lib/dicomnode" in mounts and "keys:/var/lib/dicomnode-keys" in mounts
     assert "/readyz" in " ".join(node["healthcheck"]["test"])
     assert "profiles" not in node
-    for service in ("redis", "worker"):
+    for service in ("redis", "worker1", "worker2"):  # two workers (issue 12)
         assert compose["services"][service]["profiles"] == ["workers"]
-    assert compose["services"]["worker"]["command"][0] == "worker"
+    for service in ("worker1", "worker2"):
+        assert compose["services"][service]["command"][0] == "worker"
     keys = yaml.safe_load((ROOT / "deploy" / "container" / "dicomnode.yaml").read_text())
     assert keys["audit"]["keys"].startswith("/var/lib/dicomnode-keys/")
