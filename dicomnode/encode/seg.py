@@ -57,6 +57,7 @@ from pydicom.sr.coding import Code
 from dicomnode.core.manifest import Code as ManifestCode
 from dicomnode.core.manifest import Label, Manifest
 from dicomnode.encode import equipment as eq
+from dicomnode.encode import seg_frames
 from dicomnode.encode.base import EncodeInput, derived_uid
 from dicomnode.encode.validate import EncodingError
 
@@ -80,12 +81,28 @@ def private_coding_scheme() -> Dataset:
 def encode_seg(inp: EncodeInput) -> Dataset:
     """A BINARY DICOM-SEG of ``inp.labels`` on the source series (see the module docstring)."""
     manifest = inp.manifest
-    sources = read_sources(inp.source_paths)
-    labels = segment_array(inp.labels, manifest, sources)
-    first = sources[0]
+    if not inp.source_paths:
+        raise EncodingError(["source_paths: no source instances"], what="SEG input")
     revision = f" rev {inp.revision}" if inp.revision > 1 else ""
-    with quiet_person_name_warning():
-        seg = _segmentation(inp, sources, labels, revision)
+    refs = seg_frames.read_refs(inp.source_paths)
+    why = seg_frames.eligible(refs) if refs is not None else "a source header the walker cannot read"
+    if refs is not None and not why:
+        # highdicom decides everything on the first two slices; the frames are expanded
+        # to the whole series (dicomnode.encode.seg_frames)
+        sources = read_sources(inp.source_paths[:2])
+        labels = segment_array(inp.labels, manifest, (len(refs), refs[0].rows, refs[0].columns))
+        with quiet_person_name_warning():
+            small = _segmentation(inp, sources, labels[:2], revision)
+        seg = seg_frames.expand(small, refs, labels, len(manifest.labels),
+                                source_spacing="SpacingBetweenSlices" in sources[0])
+    else:
+        logger.debug("SEG encoded by highdicom whole: %s", why)
+        sources = read_sources(inp.source_paths)
+        labels = segment_array(inp.labels, manifest, (len(sources), int(sources[0].Rows),
+                                                      int(sources[0].Columns)))
+        with quiet_person_name_warning():
+            seg = _segmentation(inp, sources, labels, revision)
+    first = sources[0]
     seg.SeriesDescription = eq.lo(f"{eq.model_title(manifest)} SEG{revision}")
     eq.copy_body_part(first, seg, laterality=False)
     eq.drop_incomplete_references(seg)
@@ -146,15 +163,17 @@ def read_sources(paths: Sequence[Path]) -> list[Dataset]:
     return out
 
 
-def segment_array(labels: np.ndarray, manifest: Manifest, sources: Sequence[Dataset]) -> np.ndarray:
-    """``labels`` as a uint8 label map of segment numbers 1..N (manifest order), checked."""
+def segment_array(labels: np.ndarray, manifest: Manifest,
+                  source_shape: tuple[int, int, int]) -> np.ndarray:
+    """``labels`` as a uint8 label map of segment numbers 1..N (manifest order), checked
+    against ``source_shape`` (source instances, rows, columns)."""
     problems = []
+    n_sources, rows, cols = source_shape
     if labels.ndim != 3:
         problems.append(f"labels: must be 3-D (slices, rows, columns), got shape {labels.shape}")
-    elif labels.shape[0] != len(sources):
-        problems.append(f"labels: {labels.shape[0]} slices for {len(sources)} source instances")
+    elif labels.shape[0] != n_sources:
+        problems.append(f"labels: {labels.shape[0]} slices for {n_sources} source instances")
     else:
-        rows, cols = int(sources[0].Rows), int(sources[0].Columns)
         if labels.shape[1:] != (rows, cols):
             problems.append(f"labels: slices of {labels.shape[1:]} but the source is {rows}x{cols}")
     if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_:

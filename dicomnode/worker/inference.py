@@ -20,6 +20,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from dicomnode.core.layout import StorageLayout, atomic_write
 from dicomnode.core.records import InferenceResult, JobPayload, ResultSet
 from dicomnode.export.outbox import Outbox
 from dicomnode.queue.base import Job, JobQueue
+from dicomnode.worker.buffers import VolumeBuffers
 from dicomnode.worker.pool import ModelPool
 
 LOG = logging.getLogger(__name__)
@@ -58,8 +60,14 @@ class InferenceWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # kept from job to job: volume buffers already mapped, and one thread that stores
+        # predictions while they are encoded
+        self.buffers = VolumeBuffers(keep=1)
+        self._storer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-prediction")
 
     def start(self) -> None:
+        if self.config.inference.preload:
+            self.buffers.prime()  # the first study's volume costs no page faults
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
 
@@ -71,6 +79,7 @@ class InferenceWorker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._storer.shutdown(wait=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -108,11 +117,16 @@ class InferenceWorker:
 
         beat = threading.Thread(target=heartbeat, name=f"lease-{job.id}", daemon=True)
         beat.start()
+        saved: Future[None] | None = None
         try:
-            result = self._infer(job, payload)
+            result, saved = self._infer(job, payload)
             result_set = self._deliver(job, result)
+            if saved is not None:
+                saved.result()  # the prediction is stored before the job is done
         except Exception as exc:
             done.set()
+            if saved is not None:
+                wait([saved])
             LOG.exception("job %s (%s) failed", job.id, job.model)
             self.audit.record(events.job, "failed", *audit_job, error=f"{type(exc).__name__}")
             if self.metrics is not None:
@@ -201,24 +215,30 @@ class InferenceWorker:
             origin="result",
         )
 
-    def _infer(self, job: Job, payload: JobPayload) -> InferenceResult:
+    def _infer(self, job: Job, payload: JobPayload) -> tuple[InferenceResult, Future[None] | None]:
+        """Load the series, run the model; the prediction is stored (``labels.npz``, then
+        ``prediction.json``) in the background while the caller encodes it: the returned
+        future says when (None when an earlier attempt stored it already)."""
         from dicomnode.inference.volume import load_series
 
         out_dir = self.result_dir(job)
         meta_path = out_dir / "prediction.json"
         if meta_path.is_file():  # a previous attempt finished but died before release
-            return InferenceResult.from_json(json.loads(meta_path.read_text()))
+            return InferenceResult.from_json(json.loads(meta_path.read_text())), None
         rows = self.index.study_series(payload.study_uid).get(payload.series_uid)
         if not rows:
             raise FileNotFoundError(f"series {payload.series_uid} is not in the index")
         started = time.perf_counter()
-        volume = load_series([self.layout.root / r.path for r in rows])
-        model = self.pool.get(job.model)
-        prediction = model.predict(volume)
+        volume = load_series([self.layout.root / r.path for r in rows],
+                             allocate=self.buffers.take)
+        try:
+            model = self.pool.get(job.model)
+            prediction = model.predict(volume)
+        finally:
+            self.buffers.give_back(volume.array)  # the model is done with it
         seconds = time.perf_counter() - started
         out_dir.mkdir(parents=True, exist_ok=True)
         labels_path = out_dir / "labels.npz"
-        atomic_write(labels_path, _npz_bytes(prediction.labels))
         result = InferenceResult(
             job_key=job.key,
             model=prediction.model_name or job.model,
@@ -233,8 +253,12 @@ class InferenceWorker:
             model_seconds=prediction.seconds,
             labels=prediction.labels,  # handed to the encoder as is
         )
-        atomic_write(meta_path, json.dumps(result.to_json(), indent=1).encode())
-        return result
+
+        def store() -> None:  # zlib releases the GIL: this overlaps the encoding
+            atomic_write(labels_path, _npz_bytes(prediction.labels))
+            atomic_write(meta_path, json.dumps(result.to_json(), indent=1).encode())
+
+        return result, self._storer.submit(store)
 
 
 def _npz_bytes(labels: np.ndarray) -> bytes:
