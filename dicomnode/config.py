@@ -217,6 +217,11 @@ class InferenceConfig(_Model):
     retry_backoff_seconds: float = Field(default=10.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=600.0, gt=0)
     preload: bool = Field(default=True, description="load the routed models at start-up (warm)")
+    parallel_jobs: int = Field(
+        default=0, ge=0, le=16,
+        description="jobs in flight at once (0: 2 on CUDA, so that loading and encoding one "
+        "study overlaps the next one's inference, 1 on the CPU); one more slot is kept for "
+        "STAT jobs")
 
 
 class ExportConfig(_Model):

@@ -62,6 +62,8 @@ class Manifest(_Model):
     outputs: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = ("seg", "sr")
     patch_size: tuple[int, int, int] | None = None
     intensity_window: tuple[float, float] | None = None
+    mixed_precision: bool = Field(
+        default=True, description="torch runtimes on CUDA: run under autocast (float16)")
 
 
 def load_manifest(model_dir: Path) -> Manifest:

@@ -12,6 +12,7 @@ are reused, and result UIDs are deterministic, so its results are delivered once
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -32,20 +33,23 @@ from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.core.layout import StorageLayout, atomic_write
 from dicomnode.core.records import InferenceResult, JobPayload, ResultSet
 from dicomnode.export.outbox import Outbox
-from dicomnode.queue.base import Job, JobQueue
+from dicomnode.queue.base import Job, JobQueue, Priority
 from dicomnode.worker.buffers import VolumeBuffers
+from dicomnode.worker.gpu import GpuScheduler
 from dicomnode.worker.pool import ModelPool
 
 LOG = logging.getLogger(__name__)
 
 
 class InferenceWorker:
-    """Runs queued jobs one at a time in a background thread."""
+    """Runs queued jobs in background threads: ``parallel_jobs`` slots for any job, plus
+    one kept for STAT jobs, all sharing the device through a :class:`GpuScheduler`."""
 
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue, pool: ModelPool,
                  owner: str | None = None, outbox: Outbox | None = None,
                  on_enqueued: Callable[[], None] | None = None,
-                 audit: Audit | None = None, metrics: Any = None) -> None:
+                 audit: Audit | None = None, metrics: Any = None,
+                 scheduler: GpuScheduler | None = None) -> None:
         self.config = config
         self.audit: Audit = audit or NullAudit()
         self.metrics = metrics
@@ -57,40 +61,55 @@ class InferenceWorker:
         self.owner = owner or f"worker-{os.getpid()}-{threading.get_ident()}"
         self.layout = StorageLayout(config.storage)
         self.layout.results.mkdir(parents=True, exist_ok=True)
-        self._wake = threading.Event()
+        device = str(getattr(pool, "device", "cpu"))
+        self.scheduler = scheduler or GpuScheduler(device)
+        parallel = config.inference.parallel_jobs or (2 if device.startswith("cuda") else 1)
+        # (owner, most urgent priority it leases or None for any): the last is STAT only
+        self.slots: list[tuple[str, Priority | None]] = [
+            (f"{self.owner}/{n}", None) for n in range(parallel)]
+        self.slots.append((f"{self.owner}/stat", Priority.STAT))
+        self._wakes = [threading.Event() for _ in self.slots]
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        # kept from job to job: volume buffers already mapped, and one thread that stores
+        self._threads: list[threading.Thread] = []
+        # kept from job to job: volume buffers already mapped, and a thread that stores
         # predictions while they are encoded
-        self.buffers = VolumeBuffers(keep=1)
-        self._storer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-prediction")
+        self.buffers = VolumeBuffers(keep=len(self.slots))
+        self._storer = ThreadPoolExecutor(max_workers=len(self.slots),
+                                          thread_name_prefix="store-prediction")
 
     def start(self) -> None:
         if self.config.inference.preload:
             self.buffers.prime()  # the first study's volume costs no page faults
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
-        self._thread.start()
+        for n, (owner, priority) in enumerate(self.slots):
+            name = "inference-stat" if priority is Priority.STAT else f"inference-{n}"
+            thread = threading.Thread(target=self._loop, args=(owner, priority, self._wakes[n]),
+                                      name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def notify(self) -> None:
-        self._wake.set()
+        for wake in self._wakes:
+            wake.set()
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.notify()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._storer.shutdown(wait=True)
 
-    def _loop(self) -> None:
+    def _loop(self, owner: str, max_priority: Priority | None, wake: threading.Event) -> None:
         while not self._stop.is_set():
             try:
-                jobs = self.queue.acquire(self.owner, self.config.inference.lease_seconds, limit=1)
+                jobs = self.queue.acquire(owner, self.config.inference.lease_seconds, limit=1,
+                                          max_priority=max_priority)
             except Exception:
                 LOG.exception("cannot acquire jobs; retrying")
                 jobs = []
             if not jobs:
-                self._wake.wait(1.0)
-                self._wake.clear()
+                wake.wait(1.0)
+                wake.clear()
                 continue
             self.run_job(jobs[0])
 
@@ -101,6 +120,7 @@ class InferenceWorker:
         """Run one leased job to its end (done, retried later, or failed)."""
         from dicomnode.audit import events
 
+        owner = job.lease_owner or self.owner
         payload = JobPayload.from_json(job.payload)
         LOG.info("job %s started: %s on series %s (attempt %d of %d)", job.id, job.model,
                  payload.series_uid, job.attempts, job.max_attempts)
@@ -111,7 +131,7 @@ class InferenceWorker:
 
         def heartbeat() -> None:
             while not done.wait(lease / 3):
-                if not self.queue.extend(job.id, self.owner, lease):
+                if not self.queue.extend(job.id, owner, lease):
                     LOG.warning("job %s: lease lost while running", job.id)
                     return
 
@@ -132,7 +152,7 @@ class InferenceWorker:
             if self.metrics is not None:
                 self.metrics.job_finished(job.model, "failed")
             try:
-                released = self.queue.release(job.id, self.owner,
+                released = self.queue.release(job.id, owner,
                                               error=f"{type(exc).__name__}: {exc}")
                 LOG.warning("job %s is now %s after %d attempt(s)", job.id,
                             released.state.name.lower(), released.attempts)
@@ -148,7 +168,7 @@ class InferenceWorker:
         record["objects"] = {k: list(v) for k, v in
                              (result_set.objects if result_set else {}).items()}
         try:
-            self.queue.release(job.id, self.owner, result=record)
+            self.queue.release(job.id, owner, result=record)
             LOG.info("job %s done: %s on series %s in %.2f s", job.id, job.model,
                      payload.series_uid, result.seconds)
         except Exception:
@@ -229,13 +249,16 @@ class InferenceWorker:
         if not rows:
             raise FileNotFoundError(f"series {payload.series_uid} is not in the index")
         started = time.perf_counter()
-        volume = load_series([self.layout.root / r.path for r in rows],
-                             allocate=self.buffers.take)
-        try:
-            model = self.pool.get(job.model)
-            prediction = model.predict(volume)
-        finally:
-            self.buffers.give_back(volume.array)  # the model is done with it
+        stat = job.priority is Priority.STAT
+        with self.scheduler.stat(str(job.id)) if stat else contextlib.nullcontext():
+            volume = load_series([self.layout.root / r.path for r in rows],
+                                 allocate=self.buffers.take)
+            try:
+                model = self.pool.get(job.model)
+                prediction = self.scheduler.predict(str(job.id), job.model, model, volume,
+                                                    job.priority)
+            finally:
+                self.buffers.give_back(volume.array)  # the model is done with it
         seconds = time.perf_counter() - started
         out_dir.mkdir(parents=True, exist_ok=True)
         labels_path = out_dir / "labels.npz"
