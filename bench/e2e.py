@@ -224,9 +224,13 @@ SEGMENTS: tuple[tuple[str, str, str], ...] = (
     ("routing -> job", "completed", "job_created"),
     ("job pickup", "job_created", "job_started"),
     ("load volume + predict", "job_started", "inferred"),
-    ("labels/meta write + SEG encode+validate", "inferred", "encoded_seg"),
-    ("SR encode+validate", "encoded_seg", "encoded_sr"),
-    ("queue in outbox", "encoded_sr", "queued"),
+    # the SEG and the SR are each written and checked in a thread of their own (the SR is
+    # encoded while the SEG's read-back and dciodvfy run), and the prediction is stored
+    # meanwhile: one segment up to the later of the two, and each one's own end
+    ("encode + check SEG and SR", "inferred", "encoded"),
+    ("  of which: SEG encoded+checked", "inferred", "encoded_seg"),
+    ("  of which: SR encoded+checked", "inferred", "encoded_sr"),
+    ("queue in outbox", "encoded", "queued"),
     ("dispatch + C-STORE to PACS", "queued", "sent"),
     ("outbox sent_at -> seen in PACS (poll)", "sent", "t1"),
 )
@@ -417,10 +421,13 @@ def analyse(run: Run, node: PipelineNode, pacs: ib.Orthanc, data: Dataset,
         "inferred": started + run.job_s if started is not None else None,
         "encoded_seg": first(events, rf"^encoded \d+ SEG object\(s\) for study {re.escape(study_uid)}"),
         "encoded_sr": first(events, rf"^encoded \d+ SR object\(s\) for study {re.escape(study_uid)}"),
+        "encoded": None,
         "queued": first(events, rf"^job {jid}: \d+ object\(s\) queued for pacs"),
         "sent": max(sent_at) if sent_at else None,
         "t1": t1,
     }
+    if marks["encoded_seg"] is not None and marks["encoded_sr"] is not None:
+        marks["encoded"] = max(marks["encoded_seg"], marks["encoded_sr"])
     run.marks = {k: (None if v is None else round(v - last, 4)) for k, v in marks.items()}
     for name, a, b in SEGMENTS:
         ta, tb = marks.get(a), marks.get(b)

@@ -178,7 +178,7 @@ def _run_two(scheduler: GpuScheduler, runtime: Any) -> dict[str, tuple[float, fl
 def _overlap(net: FakeNet) -> bool:
     """Did the two jobs' network calls interleave?"""
     names = [name for name, _, _ in sorted(net.calls, key=lambda c: c[1])]
-    changes = sum(1 for a, b in zip(names, names[1:]) if a != b)
+    changes = sum(1 for a, b in zip(names, names[1:], strict=False) if a != b)
     return changes > 1
 
 
@@ -335,6 +335,86 @@ def test_routine_jobs_do_not_start_while_a_stat_job_is_in_progress(tmp_path: Pat
         threading.Thread(target=routine).start()
         assert not started.wait(0.3)  # held back
     assert started.wait(10)
+
+
+def test_worker_runs_a_stat_job_in_its_own_slot_while_a_routine_job_pauses(
+        tmp_path: Path) -> None:
+    import json
+
+    import pydicom
+
+    from dicomnode.config import parse_config
+    from dicomnode.core.index import Index, InstanceRecord
+    from dicomnode.inference.volume import load_series
+    from dicomnode.ingest.spool import Spool
+    from dicomnode.queue.base import JobState
+    from dicomnode.queue.sqlite import SQLiteJobQueue
+    from dicomnode.synthetic import make_ct_series
+    from dicomnode.worker.inference import InferenceWorker
+
+    storage = tmp_path / "storage"
+    config = parse_config({"storage": str(storage),
+                           "inference": {"parallel_jobs": 1, "preload": False}})
+    spool, index = Spool(storage), Index(Index.path_for(storage))
+    series = {}
+    for name, seed in (("routine", 1), ("stat", 2)):
+        for f in make_ct_series(tmp_path / name, 8, 32, 32, seed=seed):
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            target = spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                         ds.SOPInstanceUID)
+            size = spool.store(target, [f.read_bytes()])
+            index.add_instance(InstanceRecord(
+                ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                "1.2.840.10008.1.2.1", "TEST", size, 1.0, str(target.relative_to(spool.root))))
+        series[name] = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    net = FakeNet(None, delay=0.03)
+    runtime = _runtime(tmp_path, net)
+
+    class Pool:
+        device = "cpu"
+
+        def get(self, name: str) -> Any:
+            return runtime
+
+    queue = SQLiteJobQueue(SQLiteJobQueue.path_for(storage))
+    worker = InferenceWorker(config, index, queue, Pool())  # type: ignore[arg-type]
+    assert [p for _, p in worker.slots] == [None, Priority.STAT]  # 1 routine + 1 STAT slot
+
+    def payload(name: str) -> dict[str, Any]:
+        study, series_uid = series[name]
+        return {"study_uid": study, "revision": 1, "series_uid": series_uid, "rule": name,
+                "destinations": []}
+
+    routine = queue.add("k-routine", "fake", payload("routine"), priority=Priority.ROUTINE)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for t, _, _ in net.calls if t == "inference-0") < 3:
+            assert time.monotonic() < deadline, "the routine job never started"
+            time.sleep(0.01)
+        stat = queue.add("k-stat", "fake", payload("stat"), priority=Priority.STAT)
+        worker.notify()
+        while {queue.get(j.id).state for j in (routine, stat)} != {JobState.DONE}:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the jobs did not finish"
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    done = {j.key: queue.get(j.id) for j in (routine, stat)}
+    assert done["k-stat"].updated_at < done["k-routine"].updated_at  # type: ignore[union-attr]
+    order = [t for t, _, _ in net.calls]
+    stat_calls = [i for i, t in enumerate(order) if t == "inference-stat"]
+    assert len(stat_calls) == 19 and order.count("inference-0") == 19
+    assert "inference-0" not in order[stat_calls[0]:stat_calls[-1] + 1]
+    assert worker.scheduler.stats.paused_jobs == [str(routine.id)]
+    for key, name in (("k-routine", "routine"), ("k-stat", "stat")):
+        job = done[key]
+        meta = json.loads((worker.result_dir(job) / "prediction.json").read_text())  # type: ignore[arg-type]
+        labels = np.load(storage / meta["labels_path"])["labels"]
+        rows = index.study_series(series[name][0])[series[name][1]]
+        volume = load_series([storage / r.path for r in rows])
+        assert np.array_equal(labels, (volume.array > 0).astype(np.uint8)), name
+    queue.close()
+    index.close()
 
 
 # -- hooks and autocast ------------------------------------------------------------------

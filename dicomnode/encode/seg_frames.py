@@ -239,6 +239,8 @@ def _positions_encoded(refs: Sequence[SourceRef]) -> tuple[list[bytes], np.ndarr
     def fmt(raw: str) -> tuple[str, float]:
         if raw not in formatted:
             value = DS(DS(raw), auto_format=True)
+            if value is None:  # an empty component: highdicom would refuse it
+                raise ValueError(f"empty Image Position (Patient) component {raw!r}")
             formatted[raw] = (str(value), float(value))
         return formatted[raw]
 
@@ -287,8 +289,11 @@ def expand(small: Dataset, refs: Sequence[SourceRef], segments: np.ndarray, n_se
         raise ValueError("Plane positions must not contain duplicates.")
 
     template = _template(small.PerFrameFunctionalGroupsSequence[0])
-    if sorted(p for p in template if isinstance(p, int)) != sorted(_SLOTS):
-        raise ValueError("unexpected Per-Frame Functional Groups item")
+    # with one segment, highdicom puts its Segment Identification in the shared groups
+    slots = set(_SLOTS) if n_segments > 1 else set(_SLOTS) - {_SEGMENT_NUMBER}
+    found = [p for p in template if isinstance(p, int)]
+    if sorted(found) != sorted(slots):
+        raise ValueError(f"unexpected Per-Frame Functional Groups item (slots {found})")
     classes = [_ui(_REF_CLASS, r.sop_class) for r in refs]
     instances = [_ui(_REF_INSTANCE, r.sop_instance) for r in refs]
     items = []
@@ -296,7 +301,7 @@ def expand(small: Dataset, refs: Sequence[SourceRef], segments: np.ndarray, n_se
         number = _short(_SEGMENT_NUMBER, b"US", struct.pack("<H", segment))
         for rank, plane in enumerate(order, start=1):
             index = {_SEGMENT_NUMBER: segment, _POSITION: rank}
-            slots = {
+            fill = {
                 _REF_CLASS: classes[plane],
                 _REF_INSTANCE: instances[plane],
                 _POSITION: positions[plane],
@@ -304,21 +309,22 @@ def expand(small: Dataset, refs: Sequence[SourceRef], segments: np.ndarray, n_se
                                       struct.pack("<2I", *(index[p] for p in pointers))),
                 _SEGMENT_NUMBER: number,
             }
-            items.append(_ITEM + b"".join(p if isinstance(p, bytes) else slots[p]
+            items.append(_ITEM + b"".join(p if isinstance(p, bytes) else fill[p]
                                           for p in template) + _ITEM_END)
 
     seg = small
     seg.NumberOfFrames = n_segments * n
     measures = shared.PixelMeasuresSequence[0]
     if not source_spacing:
-        spacing, _ = get_volume_positions(image_positions=values, image_orientation=orientation)
+        spacing, _ = get_volume_positions(image_positions=values.tolist(),
+                                          image_orientation=orientation)
         if spacing is not None:
             measures.SpacingBetweenSlices = format_number_as_ds(spacing)
         elif "SpacingBetweenSlices" in measures:
             del measures.SpacingBetweenSlices
     if n_segments == 1:
-        spacing, _ = get_volume_positions(image_positions=values, image_orientation=orientation,
-                                          sort=False)
+        spacing, _ = get_volume_positions(image_positions=values.tolist(),
+                                          image_orientation=orientation, sort=False)
         if spacing is not None and spacing > 0.0:
             seg.DimensionOrganizationType = "3D"
         elif "DimensionOrganizationType" in seg:
@@ -374,4 +380,6 @@ def pack_frames(segments: np.ndarray, order: np.ndarray, n_segments: int) -> byt
         flat = ordered.reshape(n, -1)
         bits = np.concatenate([(flat == s).ravel() for s in range(1, n_segments + 1)])
         data = np.packbits(bits, bitorder="little").tobytes()
-    return data + b"\x00" if len(data) % 2 else data
+    # odd lengths are padded as highdicom pads them (with b"0", not a null byte); the
+    # padding lies beyond the last frame's bits and no reader looks at it
+    return data + b"0" if len(data) % 2 else data
