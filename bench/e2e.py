@@ -52,7 +52,7 @@ ROOT = ib.ROOT
 TCIA_DIR = ib.TCIA_DIR
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
 
-OVERHEAD_TARGET_S = 3.0  # for the 300-slice synthetic CT
+OVERHEAD_TARGET_S = 1.5  # for the 300-slice synthetic CT (issue 11)
 PEER_OVERHEAD_S = 45.0  # what a peer spends per task, for comparison
 SEND_TIMEOUT_S = 300.0
 DELIVERY_TIMEOUT_S = 300.0

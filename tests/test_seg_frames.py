@@ -67,7 +67,7 @@ def _both(inp: EncodeInput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
           ) -> tuple[pydicom.Dataset, pydicom.Dataset]:
     """(expanded, highdicom whole), each written and read back."""
     expanded = seg_module.encode_seg(inp)
-    assert seg_module._expanded(inp, "") is not None, "the fast path did not apply"
+    assert seg_module.plan_seg(inp) is not None, "the fast path did not apply"
     with monkeypatch.context() as m:
         m.setattr(seg_frames, "read_refs", lambda paths: None)
         whole = seg_module.encode_seg(inp)
@@ -163,3 +163,26 @@ def test_pack_frames_matches_per_frame_packing() -> None:
             bits = np.concatenate([(segments[order_] == s).ravel() for s in (1, 2)])
             want = np.packbits(bits, bitorder="little").tobytes()
             assert seg_frames.pack_frames(segments, order_, 2)[:len(want)] == want
+
+
+def test_a_plan_made_before_the_labels_gives_the_same_seg(
+        lung: Manifest, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    paths = make_ct_series(tmp_path / "src", 6, 32, 32, seed=2)
+    inp = _input(paths, lung, _blobs)
+    # what the worker does while the model runs: no labels yet
+    plan = seg_module.plan_seg(dataclasses.replace(inp, labels=np.zeros((0, 0, 0), np.uint8)))
+    assert plan is not None
+    planned = seg_module.encode_seg(inp, plan)
+    assert plan.used and planned is plan.seg
+    fresh = seg_module.encode_seg(inp)
+    planned.save_as(tmp_path / "planned.dcm", enforce_file_format=True)
+    fresh.save_as(tmp_path / "fresh.dcm", enforce_file_format=True)
+    assert _differences(pydicom.dcmread(tmp_path / "planned.dcm"),
+                        pydicom.dcmread(tmp_path / "fresh.dcm")) == []
+    # used once; and a plan of another input is not used
+    again = seg_module.encode_seg(inp, plan)
+    assert again is not plan.seg
+    other = seg_module.plan_seg(dataclasses.replace(inp, revision=2))
+    assert other is not None
+    assert seg_module.encode_seg(inp, other) is not other.seg
+    assert "does not fit" in caplog.text

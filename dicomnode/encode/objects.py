@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from dicomnode.config import Destination
 from dicomnode.core.layout import atomic_write
 from dicomnode.encode.base import KINDS, EncodeInput
+from dicomnode.encode.seg import SegPlan
 from dicomnode.encode.validate import ensure_valid
 
 LOG = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ def kinds_for(destinations: Sequence[Destination]) -> list[str]:
     return [k for k in KINDS if k in wanted]
 
 
-def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path) -> dict[str, list[Path]]:
+def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path,
+                   seg_plan: SegPlan | None = None) -> dict[str, list[Path]]:
     """Encode, check and write the ``kinds`` asked for; reuse what a previous attempt wrote.
+    ``seg_plan``: the SEG made while the model ran (:func:`dicomnode.encode.seg.plan_seg`).
 
     Each object is written and checked (read back + dciodvfy, :func:`_write_checked`) in
     a thread of its own while the next one is encoded: the SR is encoded while the SEG's
@@ -70,7 +73,7 @@ def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path) -> dic
                         seg = dcmread(out[kind][0])
                     continue
                 if kind == "seg":
-                    seg = encode_seg(inp)
+                    seg = encode_seg(inp, seg_plan)
                     datasets = [seg]
                 elif kind == "sr":
                     assert seg is not None, "SEG is encoded before SR"

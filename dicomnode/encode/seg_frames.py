@@ -12,7 +12,8 @@ and model, and expands that SEG to the whole series:
    (:func:`dicomnode.core.elements.walk`, the first bytes of each file only): SOP class
    and instance, series, frame of reference, rows, columns, Image Position and
    Orientation (Patient) as their encoded strings;
-2. ``small`` = highdicom's SEG of the first two source slices (and their labels);
+2. ``small`` = highdicom's SEG of the first two source slices (their labels do not
+   matter: every frame is kept, and the Pixel Data is made afresh in step 4);
 3. its first Per-Frame item is turned into a byte template with five slots; one item
    per (segment, plane) is written by filling the slots, in highdicom's frame order
    (segment by segment, planes sorted along the normal by highdicom's own
@@ -22,8 +23,10 @@ and model, and expands that SEG to the whole series:
 4. what depends on every plane is recomputed with highdicom's functions: Number of
    Frames, Source Image and Referenced Series Sequences (source order), Spacing
    Between Slices (``get_volume_positions``, unless the source gives it), Dimension
-   Organization Type "3D" (one segment, regular spacing); Pixel Data is the label map
-   bit-packed frame after frame (PS3.5 8.1.1, little-endian bit order).
+   Organization Type "3D" (one segment, regular spacing);
+5. the Pixel Data is the label map bit-packed frame after frame (PS3.5 8.1.1,
+   little-endian bit order), the only step that needs the labels: steps 1-4
+   (:func:`expand`) can run while the model does (:func:`dicomnode.encode.seg.plan_seg`).
 
 The two long sequences go into the dataset as raw, already encoded data elements
 (Explicit VR Little Endian): pydicom writes them as they are and parses them only if
@@ -259,21 +262,20 @@ def _raw_sequence(tag: int, items: Iterable[bytes]) -> RawDataElement:
     return RawDataElement(Tag(tag), "SQ", len(value), value, 0, False, True)
 
 
-def expand(small: Dataset, refs: Sequence[SourceRef], segments: np.ndarray, n_segments: int,
-           *, source_spacing: bool) -> Dataset:
-    """Turn ``small`` (highdicom's SEG of ``refs[:2]``) into the SEG of every source.
+def expand(small: Dataset, refs: Sequence[SourceRef], n_segments: int, *,
+           source_spacing: bool) -> tuple[Dataset, np.ndarray]:
+    """Turn ``small`` (highdicom's SEG of ``refs[:2]``) into the SEG of every source,
+    all but its Pixel Data (:func:`fill_pixels`); returns it and the planes' frame order.
 
-    ``segments``: the label map of segment numbers (0..n_segments), shape (n, rows,
-    cols), ``segments[k]`` on ``refs[k]``. ``source_spacing``: the source header gives
-    Spacing Between Slices (then highdicom copies it instead of computing it).
+    Nothing here depends on the labels, so it may run while the model does.
+    ``source_spacing``: the source header gives Spacing Between Slices (then highdicom
+    copies it instead of computing it).
     """
     from highdicom.image import _get_slice_distances
     from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
     from pydicom.valuerep import format_number_as_ds
 
     n = len(refs)
-    if segments.shape[0] != n:
-        raise ValueError(f"segments: {segments.shape[0]} slices for {n} sources")
     pointers = [int(i.DimensionIndexPointer) for i in small.DimensionIndexSequence]
     if sorted(pointers) != sorted([_SEGMENT_NUMBER, _POSITION]) or len(pointers) != 2:
         raise ValueError(f"unexpected Dimension Index Sequence {pointers}")
@@ -329,7 +331,6 @@ def expand(small: Dataset, refs: Sequence[SourceRef], segments: np.ndarray, n_se
             seg.DimensionOrganizationType = "3D"
         elif "DimensionOrganizationType" in seg:
             del seg.DimensionOrganizationType
-    seg[_PIXEL_DATA].value = pack_frames(segments, order, n_segments)
     # what pydicom would do while writing (OB or OW -> OB for 1-bit pixels), done now,
     # before the raw sequences go in: pydicom then writes those as they are, without
     # parsing and re-encoding them
@@ -346,7 +347,16 @@ def expand(small: Dataset, refs: Sequence[SourceRef], segments: np.ndarray, n_se
                      + b"SQ\x00\x00\xff\xff\xff\xff" + b"".join(refs_items) + _SEQUENCE_END)
     seg[_REFERENCED_SERIES] = _raw_sequence(  # type: ignore[assignment]
         _REFERENCED_SERIES, [_ITEM + instances_seq + _ui(_SERIES, refs[0].series) + _ITEM_END])
-    return seg
+    return seg, order
+
+
+def fill_pixels(seg: Dataset, order: np.ndarray, segments: np.ndarray, n_segments: int) -> None:
+    """Put the Pixel Data of ``segments`` (the label map of segment numbers 0..n_segments,
+    ``segments[k]`` on source ``k``) into ``seg`` made by :func:`expand`."""
+    frames = int(seg.NumberOfFrames)
+    if segments.shape[0] * n_segments != frames or segments.shape[0] != len(order):
+        raise ValueError(f"segments: {segments.shape[0]} slices for {len(order)} sources")
+    seg[_PIXEL_DATA].value = pack_frames(segments, order, n_segments)
 
 
 def pack_frames(segments: np.ndarray, order: np.ndarray, n_segments: int) -> bytes:

@@ -23,12 +23,12 @@ import zipfile
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dicomnode.audit.recorder import Audit, NullAudit
-from dicomnode.config import NodeConfig
+from dicomnode.config import Destination, NodeConfig
 from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.core.layout import StorageLayout, atomic_write
 from dicomnode.core.records import InferenceResult, JobPayload, ResultSet
@@ -37,6 +37,9 @@ from dicomnode.queue.base import Job, JobQueue, Priority
 from dicomnode.worker.buffers import VolumeBuffers
 from dicomnode.worker.gpu import GpuScheduler
 from dicomnode.worker.pool import ModelPool
+
+if TYPE_CHECKING:  # encode (highdicom) is imported when a job first needs it
+    from dicomnode.encode.seg import SegPlan
 
 LOG = logging.getLogger(__name__)
 
@@ -71,11 +74,11 @@ class InferenceWorker:
         self._wakes = [threading.Event() for _ in self.slots]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        # kept from job to job: volume buffers already mapped, and a thread that stores
-        # predictions while they are encoded
+        # kept from job to job: volume buffers already mapped, and threads that make the
+        # SEG while the model runs and store predictions while they are encoded
         self.buffers = VolumeBuffers(keep=len(self.slots))
-        self._storer = ThreadPoolExecutor(max_workers=len(self.slots),
-                                          thread_name_prefix="store-prediction")
+        self._background = ThreadPoolExecutor(max_workers=2 * len(self.slots),
+                                              thread_name_prefix="job-background")
 
     def start(self) -> None:
         if self.config.inference.preload:
@@ -97,7 +100,7 @@ class InferenceWorker:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._storer.shutdown(wait=True)
+        self._background.shutdown(wait=True)
 
     def _loop(self, owner: str, max_priority: Priority | None, wake: threading.Event) -> None:
         while not self._stop.is_set():
@@ -139,8 +142,8 @@ class InferenceWorker:
         beat.start()
         saved: Future[None] | None = None
         try:
-            result, saved = self._infer(job, payload)
-            result_set = self._deliver(job, result)
+            result, saved, seg_plan = self._infer(job, payload)
+            result_set = self._deliver(job, result, seg_plan)
             if saved is not None:
                 saved.result()  # the prediction is stored before the job is done
         except Exception as exc:
@@ -182,28 +185,64 @@ class InferenceWorker:
             raise FileNotFoundError(f"{len(missing)} source instance(s) are no longer stored")
         return [self.layout.root / by_uid[u] for u in sop_uids]
 
-    def _deliver(self, job: Job, result: InferenceResult) -> ResultSet | None:
+    def _destinations(self, payload: JobPayload) -> list[Destination]:
+        configured = {d.name: d for d in self.config.destinations}
+        unknown = [n for n in payload.destinations if n not in configured]
+        if unknown:
+            raise ValueError(f"unknown destination(s) {', '.join(unknown)}")
+        return [configured[n] for n in payload.destinations]
+
+    def _replaces(self, job: Job, payload: JobPayload) -> dict[str, tuple[str, ...]]:
+        """The result objects of the study's previous revision, which this job's replace."""
+        previous_key = payload.key(job.model).previous()
+        previous = self.index.result_set(previous_key) if previous_key is not None else None
+        return dict(previous.objects) if previous is not None else {}
+
+    def _plan_seg(self, job: Job, payload: JobPayload, volume: Any, model: Any
+                  ) -> Future[SegPlan | None] | None:
+        """Start making the job's SEG (all but its pixel data) while the model runs."""
+        from dicomnode.encode.base import EncodeInput
+        from dicomnode.encode.objects import kinds_for
+        from dicomnode.encode.seg import plan_seg
+
+        try:
+            if "seg" not in kinds_for(self._destinations(payload)):
+                return None
+            inp = EncodeInput(
+                source_paths=tuple(self._source_paths(payload, tuple(volume.sop_instance_uids))),
+                labels=np.zeros((0, 0, 0), dtype=np.uint8),  # not known yet, not needed
+                manifest=model.manifest, measurements={}, study_uid=payload.study_uid,
+                series_uid=payload.series_uid, revision=payload.revision,
+                device=str(getattr(model, "device", self.pool.device)),
+                replaces=self._replaces(job, payload))
+        except Exception as exc:  # noqa: BLE001 - _deliver says what is wrong, if anything
+            LOG.debug("job %s: the SEG is not made ahead (%s)", job.id, exc)
+            return None
+        return self._background.submit(plan_seg, inp)
+
+    def _deliver(self, job: Job, result: InferenceResult,
+                 seg_plan: Future[SegPlan | None] | None = None) -> ResultSet | None:
         """Encode the objects the job's destinations ask for, index them with the job's
         result set, and queue them for each destination."""
         from dicomnode.encode.objects import encode_objects, kinds_for
         from dicomnode.worker.results import encode_input
 
         payload = result.payload
-        configured = {d.name: d for d in self.config.destinations}
-        unknown = [n for n in payload.destinations if n not in configured]
-        if unknown:
-            raise ValueError(f"unknown destination(s) {', '.join(unknown)}")
-        destinations = [configured[n] for n in payload.destinations]
+        destinations = self._destinations(payload)
         kinds = kinds_for(destinations)
         if not kinds:
             return None
         manifest = self.pool.get(job.model).manifest
         sources = self._source_paths(payload, result.sop_instance_uids)
-        previous_key = payload.key(job.model).previous()
-        previous = self.index.result_set(previous_key) if previous_key is not None else None
-        replaces = dict(previous.objects) if previous is not None else {}
+        replaces = self._replaces(job, payload)
         inp = encode_input(result, manifest, self.layout.root, sources, replaces)
-        objects = encode_objects(inp, kinds, self.result_dir(job) / "objects")
+        plan = None
+        if seg_plan is not None:
+            try:
+                plan = seg_plan.result()
+            except Exception:  # noqa: BLE001 - the SEG is then made from scratch
+                LOG.exception("job %s: making the SEG ahead failed", job.id)
+        objects = encode_objects(inp, kinds, self.result_dir(job) / "objects", plan)
         result_set = ResultSet(job.key, payload.study_uid,
                                {k: tuple(p.stem for p in v) for k, v in objects.items()},
                                replaces)
@@ -235,16 +274,18 @@ class InferenceWorker:
             origin="result",
         )
 
-    def _infer(self, job: Job, payload: JobPayload) -> tuple[InferenceResult, Future[None] | None]:
-        """Load the series, run the model; the prediction is stored (``labels.npz``, then
-        ``prediction.json``) in the background while the caller encodes it: the returned
-        future says when (None when an earlier attempt stored it already)."""
+    def _infer(self, job: Job, payload: JobPayload
+               ) -> tuple[InferenceResult, Future[None] | None, Future[SegPlan | None] | None]:
+        """Load the series, run the model; the SEG is made (all but its pixel data) while
+        the model runs, and the prediction is stored (``labels.npz``, then
+        ``prediction.json``) while the caller encodes it. Returns the result and the two
+        futures (None when an earlier attempt stored the prediction already)."""
         from dicomnode.inference.volume import load_series
 
         out_dir = self.result_dir(job)
         meta_path = out_dir / "prediction.json"
         if meta_path.is_file():  # a previous attempt finished but died before release
-            return InferenceResult.from_json(json.loads(meta_path.read_text())), None
+            return InferenceResult.from_json(json.loads(meta_path.read_text())), None, None
         rows = self.index.study_series(payload.study_uid).get(payload.series_uid)
         if not rows:
             raise FileNotFoundError(f"series {payload.series_uid} is not in the index")
@@ -253,8 +294,10 @@ class InferenceWorker:
         with self.scheduler.stat(str(job.id)) if stat else contextlib.nullcontext():
             volume = load_series([self.layout.root / r.path for r in rows],
                                  allocate=self.buffers.take)
+            seg_plan: Future[SegPlan | None] | None = None
             try:
                 model = self.pool.get(job.model)
+                seg_plan = self._plan_seg(job, payload, volume, model)
                 prediction = self.scheduler.predict(str(job.id), job.model, model, volume,
                                                     job.priority)
             finally:
@@ -281,7 +324,7 @@ class InferenceWorker:
             atomic_write(labels_path, _npz_bytes(prediction.labels))
             atomic_write(meta_path, json.dumps(result.to_json(), indent=1).encode())
 
-        return result, self._storer.submit(store)
+        return result, self._background.submit(store), seg_plan
 
 
 def _npz_bytes(labels: np.ndarray) -> bytes:
