@@ -203,6 +203,7 @@ class Run:
     model_s: float = float("nan")  # result model_seconds: the model's predict
     job_s: float = float("nan")  # result seconds: load + predict
     overhead_s: float = float("nan")  # total - quiet - model
+    node_cpu_s: float = float("nan")  # CPU the node (+ its dciodvfy) used from t0 to t1
     t0_index_lag_s: float = float("nan")  # storescu exit - last_received
     poll_s: float = 0.0
     # timeline from last_received (seconds); None where a mark is missing
@@ -234,6 +235,19 @@ SEGMENTS: tuple[tuple[str, str, str], ...] = (
     ("dispatch + C-STORE to PACS", "queued", "sent"),
     ("outbox sent_at -> seen in PACS (poll)", "sent", "t1"),
 )
+
+
+def process_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` and its waited-for children (the
+    node's dciodvfy runs), from /proc; None where that cannot be read."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def first(events: Sequence[tuple[float, str, str]], pattern: str) -> float | None:
@@ -319,7 +333,11 @@ def measure(data: Dataset, repeat: int, quiet: float, poll: float, scratch: Path
                 settle(node, 1)
                 before = 2
             t_start, t0 = send(node, data, workdir)
+            cpu0 = process_cpu(node.proc.pid if node.proc else None)
             t1 = wait_for_results(pacs, node, before + 2, poll, DELIVERY_TIMEOUT_S)
+            cpu1 = process_cpu(node.proc.pid if node.proc else None)
+            if cpu0 is not None and cpu1 is not None:
+                run.node_cpu_s = cpu1 - cpu0
             run.send_s = t0 - t_start
             run.total_s = t1 - t0
             status, outbox = settle(node, before // 2 + 1)
@@ -457,6 +475,7 @@ class Summary:
     overhead_s: float
     segments: dict[str, float]
     variant: str = "this tree"
+    node_cpu_s: float = float("nan")
 
 
 def label(r: Run) -> str:
@@ -483,7 +502,7 @@ def summarize(runs: Sequence[Run]) -> list[Summary]:
             med([r.total_index_s for r in good]), med([r.model_s for r in good]),
             med([r.job_s - r.model_s for r in good]), med([r.overhead_s for r in good]),
             {k: med([r.segments[k] for r in good if k in r.segments]) for k in seg_names},
-            rs[0].variant,
+            rs[0].variant, med([r.node_cpu_s for r in good]),
         ))
     return out
 
@@ -502,15 +521,17 @@ def print_table(summaries: Sequence[Summary], warm_up: bool = False) -> None:
     mode = ("after one untimed warm-up job" if warm_up
             else "the first job of a fresh node (models preloaded)")
     print(f"\nMedians (seconds), {mode}. total = t1 (SEG+SR stored in Orthanc) - t0 "
-          "(storescu exit);\noverhead = total - quiet window - model predict")
+          "(storescu exit);\noverhead = total - quiet window - model predict; node CPU = "
+          "CPU time of the node process (threads, dciodvfy) from t0 to t1, model included")
     head = (f"{'dataset':<24} {'inst':>5} {'runs':>4} {'send':>6} {'total':>7} {'quiet':>6} "
-            f"{'model':>7} {'load':>6} {'overhead':>9}")
+            f"{'model':>7} {'load':>6} {'overhead':>9} {'node CPU':>9}")
     print(head)
     print("-" * len(head))
     for s in summaries:
         flag = f"  <-- {s.failed_runs} FAILED" if s.failed_runs else ""
         print(f"{s.dataset:<24} {s.instances:>5} {s.runs:>4} {s.send_s:>6.2f} {s.total_s:>7.2f} "
-              f"{s.quiet_s:>6.1f} {s.model_s:>7.2f} {s.load_s:>6.2f} {s.overhead_s:>9.2f}{flag}")
+              f"{s.quiet_s:>6.1f} {s.model_s:>7.2f} {s.load_s:>6.2f} {s.overhead_s:>9.2f} "
+              f"{s.node_cpu_s:>9.2f}{flag}")
     print("\nWhere the time goes after the last instance (medians, seconds; from the node's "
           "log (ms), index and outbox):")
     names = list(dict.fromkeys(k for s in summaries for k in s.segments))
