@@ -5,7 +5,8 @@
 #
 # 1. an import check and the machine (nvidia-smi, torch, the GPU)      -> env.txt
 # 2. the GPU tests: tests/test_gpu_scheduler.py (its real-GPU test runs there; the
-#    mocked ones run anyway) and the CUDA test of the MONAI bundle runtime -> gpu_tests.txt
+#    mocked ones run anyway) and the CUDA tests of the MONAI bundle runtime and of the
+#    lung model                                                          -> gpu_tests.txt
 # 3. bench/gpu.py: a stream of studies through the node on the GPU against a naive
 #    MONAI loop, JSON report                                            -> gpu.json, gpu_bench.txt
 # 4. exit codes                                                          -> summary.txt
@@ -55,7 +56,8 @@ PY
 cat "$out/env.txt"
 
 timeout 300 "$py" -m pytest -q -rs -p no:cacheprovider tests/test_gpu_scheduler.py \
-  "tests/test_monai_bundle.py::test_bundle_on_cuda" > "$out/gpu_tests.txt" 2>&1
+  "tests/test_monai_bundle.py::test_bundle_on_cuda" "tests/test_lung_model.py::test_cuda_matches_cpu" \
+  > "$out/gpu_tests.txt" 2>&1
 tests_rc=$?
 tail -n 15 "$out/gpu_tests.txt"
 
