@@ -225,6 +225,11 @@ class InferenceConfig(_Model):
         description="with queue.backend celery: also run jobs in this process (remote workers"
         " run them otherwise); with sqlite jobs always run in this process",
     )
+    parallel_jobs: int = Field(
+        default=0, ge=0, le=16,
+        description="jobs in flight at once (0: 2 on CUDA, so that loading and encoding one "
+        "study overlaps the next one's inference, 1 on the CPU); one more slot is kept for "
+        "STAT jobs")
 
 
 class ExportConfig(_Model):

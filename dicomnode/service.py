@@ -46,6 +46,7 @@ from dicomnode.queue.sqlite import SQLiteJobQueue
 from dicomnode.retention import Purger, PurgeRecovery, RetentionPolicy
 from dicomnode.routing.sink import RoutingSink
 from dicomnode.withdrawal import RejectionGate
+from dicomnode.worker.gpu import GpuScheduler
 from dicomnode.worker.inference import InferenceWorker
 from dicomnode.worker.nodeside import RemoteSide, open_queue, runs_models_here
 from dicomnode.worker.pool import ModelPool
@@ -207,12 +208,13 @@ class Node:
             from dicomnode.inference.device import choose_device
 
             pool = ModelPool(cfg.models_dir, choose_device(cfg.inference.device))
+            device_scheduler = GpuScheduler(pool.device)
             if cfg.inference.preload:
-                self._preload(pool)
+                self._preload(pool, device_scheduler)
             self.worker = InferenceWorker(
                 cfg, self.index, self.queue, pool, outbox=self.outbox,
                 on_enqueued=self.dispatcher.wake if self.dispatcher else None, audit=self.audit,
-                metrics=self.metrics, withdrawals=self.withdrawals,
+                metrics=self.metrics, withdrawals=self.withdrawals, scheduler=device_scheduler,
             )
             self.worker.start()
         self.sink = RoutingSink(cfg, self.index, self.queue,
@@ -255,8 +257,9 @@ class Node:
                  "https" if cfg.http.certfile else "http", cfg.http.bind_address,
                  self.http.port)
 
-    def _preload(self, pool: ModelPool) -> None:
-        """Load every routed model onto its device, and warm the result path once."""
+    def _preload(self, pool: ModelPool, device_scheduler: GpuScheduler) -> None:
+        """Load every routed model onto its device, measure its peak memory there (on a
+        GPU), and warm the result path once."""
         from dicomnode.encode.objects import kinds_for
         from dicomnode.worker.results import warm_up
 
@@ -268,6 +271,7 @@ class Node:
             except Exception:
                 LOG.exception("model %s cannot be loaded; its jobs will fail", name)
                 continue
+            device_scheduler.profile(name, model)
             if kinds:
                 try:
                     warm_up(model.manifest, kinds)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import need_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,8 +143,8 @@ def test_e2e_smoke(tmp_path: Path) -> None:
     assert summary["total_s"] > summary["quiet_s"] + summary["model_s"] - 1e-6
     assert abs(summary["overhead_s"] - (summary["total_s"] - 0.5 - summary["model_s"])) < 1e-6
     for name in ("completion (quiet + lag)", "load volume + predict",
-                 "labels/meta write + SEG encode+validate", "SR encode+validate",
-                 "dispatch + C-STORE to PACS"):
+                 "encode + check SEG and SR", "  of which: SEG encoded+checked",
+                 "  of which: SR encoded+checked", "dispatch + C-STORE to PACS"):
         assert positive(summary["segments"][name]), (name, summary["segments"])
     assert "Where the time goes after the last instance" in output
 
@@ -197,6 +198,37 @@ def test_audit_smoke(tmp_path: Path) -> None:
 
 
 # -- the lung model, warm ---------------------------------------------------------------
+
+
+def test_gpu_smoke(tmp_path: Path) -> None:
+    """bench/gpu.py --smoke: the node and the naive MONAI loop on the CPU (no GPU needed)."""
+    report, output = run_bench("gpu.py", tmp_path / "gpu.json")
+    assert report["device"] == "cpu" and report["settings"]["smoke"] is True
+    assert report["problems"] == [], output[-3000:]
+    node, naive = report["node"], report["naive"]
+    assert [j["state"] for j in node["jobs"]] == ["done", "done"]
+    assert all(j["device"] == "cpu" and positive(j["model_seconds"]) for j in node["jobs"])
+    for value in (node["studies_per_minute"], node["latency_seconds_median"],
+                  naive["studies_per_minute"], report["ratio_node_to_naive"]):
+        assert positive(value), report
+    assert len(naive["seconds_per_study"]) == 2
+    (ratio,) = [t for t in report["targets"] if t["what"].startswith("studies per minute")]
+    assert positive(ratio["value"])
+    if report["gpu_sampling"].startswith("unavailable"):  # no GPU: nothing sampled
+        assert node["busy_fraction"] is None and naive["busy_fraction"] is None
+
+
+def test_gpu_full_mode_without_a_gpu_skips(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the full mode would run")
+    environ = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--out", str(out)], cwd=ROOT,
+                          env=environ, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0 and "no GPU: skipped" in proc.stdout
+    assert json.loads(out.read_text()) == {"bench": "gpu", "skipped": "no GPU"}
 
 
 def test_lung_model_smoke(tmp_path: Path) -> None:

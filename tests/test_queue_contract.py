@@ -243,6 +243,17 @@ def test_acquire_limit_and_batch_order(queue: JobQueue, clock: FakeClock) -> Non
         queue.acquire("", 60)
 
 
+def test_acquire_max_priority_leases_only_jobs_that_urgent(queue: JobQueue, clock: FakeClock) -> None:
+    queue.add("r", "m", {}, priority=Priority.ROUTINE)
+    clock.advance(1)
+    assert queue.acquire("stat-slot", 60, max_priority=Priority.STAT) == []  # routine stays
+    queue.add("s", "m", {}, priority=Priority.STAT)
+    assert [j.key for j in queue.acquire("stat-slot", 60, limit=5, max_priority="stat")] == ["s"]
+    assert [j.key for j in queue.acquire("w", 60, max_priority=Priority.ROUTINE)] == ["r"]
+    with pytest.raises(ValueError, match="priority"):
+        queue.acquire("w", 60, max_priority="urgent")
+
+
 # -- acquire: leases once -------------------------------------------------------
 
 

@@ -62,6 +62,8 @@ class Manifest(_Model):
     outputs: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = ("seg", "sr")
     patch_size: tuple[int, int, int] | None = None
     intensity_window: tuple[float, float] | None = None
+    mixed_precision: bool = Field(
+        default=True, description="torch runtimes on CUDA: run under autocast (float16)")
     attributes: tuple[str, ...] = Field(
         default=(), description="header attributes (DICOM keywords) the model needs besides"
         " voxels and geometry; sent to remote workers, so none may identify the patient")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom import dcmread
@@ -20,6 +21,7 @@ from pydicom.dataset import Dataset
 from dicomnode.config import Destination
 from dicomnode.core.layout import atomic_write
 from dicomnode.encode.base import KINDS, EncodeInput
+from dicomnode.encode.seg import SegPlan
 from dicomnode.encode.validate import ensure_valid
 
 LOG = logging.getLogger(__name__)
@@ -44,8 +46,16 @@ def kinds_for(destinations: Sequence[Destination], keep: Sequence[str] = ()) -> 
     return [k for k in KINDS if k in wanted]
 
 
-def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path) -> dict[str, list[Path]]:
-    """Encode, check and write the ``kinds`` asked for; reuse what a previous attempt wrote."""
+def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path,
+                   seg_plan: SegPlan | None = None) -> dict[str, list[Path]]:
+    """Encode, check and write the ``kinds`` asked for; reuse what a previous attempt wrote.
+    ``seg_plan``: the SEG made while the model ran (:func:`dicomnode.encode.seg.plan_seg`).
+
+    Each object is written and checked (read back + dciodvfy, :func:`_write_checked`) in
+    a thread of its own while the next one is encoded: the SR is encoded while the SEG's
+    dciodvfy runs. Every object is still checked before it gets its final name, and a
+    kind is marked complete only once all its objects are.
+    """
     from dicomnode.encode.gsps import encode_gsps
     from dicomnode.encode.sc import encode_sc
     from dicomnode.encode.seg import encode_seg
@@ -53,31 +63,50 @@ def encode_objects(inp: EncodeInput, kinds: Sequence[str], out_dir: Path) -> dic
 
     out: dict[str, list[Path]] = {}
     seg: Dataset | None = None
-    for kind in kinds:
-        folder = out_dir / kind
-        done = folder / ".complete"
-        if done.exists():
-            out[kind] = sorted(folder.glob("*.dcm"))
-            if kind == "seg" and "sr" in kinds:
-                seg = dcmread(out[kind][0])
-            continue
-        if kind == "seg":
-            seg = encode_seg(inp)
-            datasets = [seg]
-        elif kind == "sr":
-            assert seg is not None, "SEG is encoded before SR"
-            datasets = [encode_sr(inp, seg)]
-        elif kind == "gsps":
-            datasets = list(encode_gsps(inp))
-        else:
-            datasets = list(encode_sc(inp))
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for ds in datasets:
-            path = folder / f"{ds.SOPInstanceUID}.dcm"
-            _write_checked(ds, path)  # every object is checked before it can leave
-            paths.append(path)
-        done.touch()
-        out[kind] = paths
-        LOG.info("encoded %d %s object(s) for study %s", len(paths), kind.upper(), inp.study_uid)
-    return out
+    pending: list[tuple[str, Future[list[Path]]]] = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode-check") as pool:
+        try:
+            for kind in kinds:
+                folder = out_dir / kind
+                if (folder / ".complete").exists():
+                    out[kind] = sorted(folder.glob("*.dcm"))
+                    if kind == "seg" and "sr" in kinds:
+                        seg = dcmread(out[kind][0])
+                    continue
+                if kind == "seg":
+                    seg = encode_seg(inp, seg_plan)
+                    datasets = [seg]
+                elif kind == "sr":
+                    assert seg is not None, "SEG is encoded before SR"
+                    datasets = [encode_sr(inp, seg)]
+                elif kind == "gsps":
+                    datasets = list(encode_gsps(inp))
+                else:
+                    datasets = list(encode_sc(inp))
+                pending.append((kind, pool.submit(_write_kind, kind, datasets, folder, inp.study_uid)))
+        finally:
+            # wait for every check; the first failure is raised, kinds that passed are kept
+            error: BaseException | None = None
+            for _kind, future in pending:
+                exc = future.exception()
+                if exc is not None:
+                    error = error or exc
+            if error is not None:
+                raise error
+    for kind, future in pending:
+        out[kind] = future.result()
+    return {k: out[k] for k in kinds}
+
+
+def _write_kind(kind: str, datasets: Sequence[Dataset], folder: Path, study_uid: str) -> list[Path]:
+    """Write and check (:func:`_write_checked`) the objects of one kind, then mark the
+    kind complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        _write_checked(ds, path)  # every object is checked before it can leave
+        paths.append(path)
+    (folder / ".complete").touch()
+    LOG.info("encoded %d %s object(s) for study %s", len(paths), kind.upper(), study_uid)
+    return paths

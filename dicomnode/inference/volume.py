@@ -48,7 +48,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +205,7 @@ def load_series(
     workers: int | None = None,
     uneven: Literal["refuse", "keep"] = "refuse",
     tilt: Literal["refuse", "keep"] = "refuse",
+    allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None,
 ) -> Volume:
     """Load the files of one image series as a :class:`Volume` (PS3.3 C.7.6.2, C.11.1).
 
@@ -212,7 +213,10 @@ def load_series(
     decode encapsulated (compressed) pixel data (default ``min(8, cpu count)``; 1
     decodes in this thread); headers and native pixel data are read in this thread.
     ``uneven``/``tilt``: ``'refuse'`` (default) or ``'keep'``, see the module
-    docstring. Raises InconsistentSeriesError listing every reason the files do not
+    docstring. ``allocate(shape)``: returns the (uninitialised) C-contiguous float32
+    array the volume is written into, e.g. a buffer kept from an earlier job, whose
+    memory is already mapped (a fresh 300 MB array costs the first load of a process
+    up to a second of page faults); default ``np.empty``. Raises InconsistentSeriesError listing every reason the files do not
     form one volume, InvalidInstanceError for a file that cannot be read or decoded,
     ValueError naming a bad argument.
     """
@@ -234,7 +238,11 @@ def load_series(
     items = [read_slice(path) for path in files]
     geometry = _geometry(items, uneven, tilt)
     rows, cols = geometry.rows, geometry.cols
-    array = np.empty((len(items), rows, cols), dtype=np.float32)
+    shape = (len(items), rows, cols)
+    array = np.empty(shape, dtype=np.float32) if allocate is None else allocate(shape)
+    if array.shape != shape or array.dtype != np.float32 or not array.flags.c_contiguous:
+        raise ValueError(f"allocate: returned {array.dtype} {array.shape}, expected a "
+                         f"C-contiguous float32 array of shape {shape}")
     sorted_items = [items[i] for i in geometry.order]
 
     def fill(k: int) -> None:

@@ -274,13 +274,16 @@ class JobQueue(abc.ABC):
         """
 
     @abc.abstractmethod
-    def acquire(self, owner: str, lease_seconds: float, limit: int = 1) -> builtins.list[Job]:
+    def acquire(self, owner: str, lease_seconds: float, limit: int = 1,
+                max_priority: Priority | int | str | None = None) -> builtins.list[Job]:
         """Lease up to ``limit`` runnable jobs to ``owner`` for ``lease_seconds``.
 
-        Runnable: PENDING with ``not_before <= now``. Order: priority (STAT
-        first), then oldest ``created_at``, then id. Each job becomes LEASED with
-        ``lease_owner``, ``lease_expires = now + lease_seconds`` and
-        ``attempts + 1``, atomically: no job is handed to two owners.
+        Runnable: PENDING with ``not_before <= now`` and, when ``max_priority`` is
+        given, a priority at least that urgent (``Priority.STAT``: STAT jobs only, for
+        a worker slot kept free for them). Order: priority (STAT first), then oldest
+        ``created_at``, then id. Each job becomes LEASED with ``lease_owner``,
+        ``lease_expires = now + lease_seconds`` and ``attempts + 1``, atomically: no
+        job is handed to two owners.
         """
 
     @abc.abstractmethod

@@ -217,18 +217,20 @@ class SQLiteJobQueue(JobQueue):
             logger.debug("job %d already exists for key %s: unchanged", job.id, key)
         return job
 
-    def acquire(self, owner: str, lease_seconds: float, limit: int = 1) -> builtins.list[Job]:
+    def acquire(self, owner: str, lease_seconds: float, limit: int = 1,
+                max_priority: Priority | int | str | None = None) -> builtins.list[Job]:
         check_text("owner", owner)
         lease = check_lease_seconds(lease_seconds)
         check_count("limit", limit)
+        top = int(Priority.parse(max_priority) if max_priority is not None else max(Priority))
         now = self._now()
         with self._transaction() as conn:
             ids = [
                 r[0]
                 for r in conn.execute(
                     "SELECT id FROM jobs WHERE state = 'pending' AND not_before <= ?"
-                    " ORDER BY priority, created_at, id LIMIT ?",
-                    (now, limit),
+                    " AND priority <= ? ORDER BY priority, created_at, id LIMIT ?",
+                    (now, top, limit),
                 )
             ]
             if not ids:

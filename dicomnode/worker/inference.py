@@ -12,6 +12,7 @@ are reused, and result UIDs are deterministic, so its results are delivered once
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -20,33 +21,41 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dicomnode.audit.recorder import Audit, NullAudit
-from dicomnode.config import NodeConfig
+from dicomnode.config import Destination, NodeConfig
 from dicomnode.core.index import Index, InstanceRecord
 from dicomnode.core.layout import StorageLayout, atomic_write
 from dicomnode.core.records import InferenceResult, JobPayload, ResultSet
 from dicomnode.core.redact import describe_exception, traceback_text
 from dicomnode.export.outbox import Outbox
-from dicomnode.queue.base import Job, JobQueue
+from dicomnode.queue.base import Job, JobQueue, Priority
 from dicomnode.withdrawal import RejectionGate
+from dicomnode.worker.buffers import VolumeBuffers
+from dicomnode.worker.gpu import GpuScheduler
 from dicomnode.worker.pool import ModelPool
+
+if TYPE_CHECKING:  # encode (highdicom) is imported when a job first needs it
+    from dicomnode.encode.seg import SegPlan
 
 LOG = logging.getLogger(__name__)
 
 
 class InferenceWorker:
-    """Runs queued jobs one at a time in a background thread."""
+    """Runs queued jobs in background threads: ``parallel_jobs`` slots for any job, plus
+    one kept for STAT jobs, all sharing the device through a :class:`GpuScheduler`."""
 
     def __init__(self, config: NodeConfig, index: Index, queue: JobQueue, pool: ModelPool,
                  owner: str | None = None, outbox: Outbox | None = None,
                  on_enqueued: Callable[[], None] | None = None,
                  audit: Audit | None = None, metrics: Any = None,
-                 withdrawals: RejectionGate | None = None) -> None:
+                 withdrawals: RejectionGate | None = None,
+                 scheduler: GpuScheduler | None = None) -> None:
         self.config = config
         self.withdrawals = withdrawals
         self.audit: Audit = audit or NullAudit()
@@ -59,33 +68,55 @@ class InferenceWorker:
         self.owner = owner or f"worker-{os.getpid()}-{threading.get_ident()}"
         self.layout = StorageLayout(config.storage)
         self.layout.results.mkdir(parents=True, exist_ok=True)
-        self._wake = threading.Event()
+        device = str(getattr(pool, "device", "cpu"))
+        self.scheduler = scheduler or GpuScheduler(device)
+        parallel = config.inference.parallel_jobs or (2 if device.startswith("cuda") else 1)
+        # (owner, most urgent priority it leases or None for any): the last is STAT only
+        self.slots: list[tuple[str, Priority | None]] = [
+            (f"{self.owner}/{n}", None) for n in range(parallel)]
+        self.slots.append((f"{self.owner}/stat", Priority.STAT))
+        self._wakes = [threading.Event() for _ in self.slots]
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        # kept from job to job: volume buffers already mapped, and threads that make the
+        # SEG while the model runs and store predictions while they are encoded
+        self.buffers = VolumeBuffers(keep=len(self.slots))
+        self._background = ThreadPoolExecutor(max_workers=2 * len(self.slots),
+                                              thread_name_prefix="job-background")
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
-        self._thread.start()
+        if self.config.inference.preload:
+            self.buffers.prime()  # the first study's volume costs no page faults
+        for n, (owner, priority) in enumerate(self.slots):
+            name = "inference-stat" if priority is Priority.STAT else f"inference-{n}"
+            thread = threading.Thread(target=self._loop, args=(owner, priority, self._wakes[n]),
+                                      name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def notify(self) -> None:
-        self._wake.set()
+        for wake in self._wakes:
+            wake.set()
 
     def stop(self, timeout: float = 30) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.notify()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._background.shutdown(wait=True)
 
-    def _loop(self) -> None:
+    def _loop(self, owner: str, max_priority: Priority | None, wake: threading.Event) -> None:
         while not self._stop.is_set():
             try:
-                jobs = self.queue.acquire(self.owner, self.config.inference.lease_seconds, limit=1)
+                jobs = self.queue.acquire(owner, self.config.inference.lease_seconds, limit=1,
+                                          max_priority=max_priority)
             except Exception:
                 LOG.exception("cannot acquire jobs; retrying")
                 jobs = []
             if not jobs:
-                self._wake.wait(1.0)
-                self._wake.clear()
+                wake.wait(1.0)
+                wake.clear()
                 continue
             self.run_job(jobs[0])
 
@@ -96,6 +127,7 @@ class InferenceWorker:
         """Run one leased job to its end (done, retried later, or failed)."""
         from dicomnode.audit import events
 
+        owner = job.lease_owner or self.owner
         payload = JobPayload.from_json(job.payload)
         LOG.info("job %s started: %s on series %s (attempt %d of %d)", job.id, job.model,
                  payload.series_uid, job.attempts, job.max_attempts)
@@ -106,17 +138,22 @@ class InferenceWorker:
 
         def heartbeat() -> None:
             while not done.wait(lease / 3):
-                if not self.queue.extend(job.id, self.owner, lease):
+                if not self.queue.extend(job.id, owner, lease):
                     LOG.warning("job %s: lease lost while running", job.id)
                     return
 
         beat = threading.Thread(target=heartbeat, name=f"lease-{job.id}", daemon=True)
         beat.start()
+        saved: Future[None] | None = None
         try:
-            result = self._infer(job, payload)
-            result_set = self._deliver(job, result)
+            result, saved, seg_plan = self._infer(job, payload)
+            result_set = self._deliver(job, result, seg_plan)
+            if saved is not None:
+                saved.result()  # the prediction is stored before the job is done
         except Exception as exc:
             done.set()
+            if saved is not None:
+                wait([saved])
             # the message may quote attribute values (validators do): redacted, and the
             # traceback logged without any message
             error = describe_exception(exc)
@@ -126,7 +163,7 @@ class InferenceWorker:
             if self.metrics is not None:
                 self.metrics.job_finished(job.model, "failed")
             try:
-                released = self.queue.release(job.id, self.owner, error=error)
+                released = self.queue.release(job.id, owner, error=error)
                 LOG.warning("job %s is now %s after %d attempt(s)", job.id,
                             released.state.name.lower(), released.attempts)
             except Exception:
@@ -141,7 +178,7 @@ class InferenceWorker:
         record["objects"] = {k: list(v) for k, v in
                              (result_set.objects if result_set else {}).items()}
         try:
-            self.queue.release(job.id, self.owner, result=record)
+            self.queue.release(job.id, owner, result=record)
             LOG.info("job %s done: %s on series %s in %.2f s", job.id, job.model,
                      payload.series_uid, result.seconds)
         except Exception:
@@ -155,28 +192,64 @@ class InferenceWorker:
             raise FileNotFoundError(f"{len(missing)} source instance(s) are no longer stored")
         return [self.layout.root / by_uid[u] for u in sop_uids]
 
-    def _deliver(self, job: Job, result: InferenceResult) -> ResultSet | None:
+    def _destinations(self, payload: JobPayload) -> list[Destination]:
+        configured = {d.name: d for d in self.config.destinations}
+        unknown = [n for n in payload.destinations if n not in configured]
+        if unknown:
+            raise ValueError(f"unknown destination(s) {', '.join(unknown)}")
+        return [configured[n] for n in payload.destinations]
+
+    def _replaces(self, job: Job, payload: JobPayload) -> dict[str, tuple[str, ...]]:
+        """The result objects of the study's previous revision, which this job's replace."""
+        previous_key = payload.key(job.model).previous()
+        previous = self.index.result_set(previous_key) if previous_key is not None else None
+        return dict(previous.objects) if previous is not None else {}
+
+    def _plan_seg(self, job: Job, payload: JobPayload, volume: Any, model: Any
+                  ) -> Future[SegPlan | None] | None:
+        """Start making the job's SEG (all but its pixel data) while the model runs."""
+        from dicomnode.encode.base import EncodeInput
+        from dicomnode.encode.objects import kinds_for
+        from dicomnode.encode.seg import plan_seg
+
+        try:
+            if "seg" not in kinds_for(self._destinations(payload), payload.keep):
+                return None
+            inp = EncodeInput(
+                source_paths=tuple(self._source_paths(payload, tuple(volume.sop_instance_uids))),
+                labels=np.zeros((0, 0, 0), dtype=np.uint8),  # not known yet, not needed
+                manifest=model.manifest, measurements={}, study_uid=payload.study_uid,
+                series_uid=payload.series_uid, revision=payload.revision,
+                device=str(getattr(model, "device", self.pool.device)),
+                replaces=self._replaces(job, payload))
+        except Exception as exc:  # noqa: BLE001 - _deliver says what is wrong, if anything
+            LOG.debug("job %s: the SEG is not made ahead (%s)", job.id, exc)
+            return None
+        return self._background.submit(plan_seg, inp)
+
+    def _deliver(self, job: Job, result: InferenceResult,
+                 seg_plan: Future[SegPlan | None] | None = None) -> ResultSet | None:
         """Encode the objects the job's destinations ask for, index them with the job's
         result set, and queue them for each destination."""
         from dicomnode.encode.objects import encode_objects, kinds_for
         from dicomnode.worker.results import encode_input
 
         payload = result.payload
-        configured = {d.name: d for d in self.config.destinations}
-        unknown = [n for n in payload.destinations if n not in configured]
-        if unknown:
-            raise ValueError(f"unknown destination(s) {', '.join(unknown)}")
-        destinations = [configured[n] for n in payload.destinations]
+        destinations = self._destinations(payload)
         kinds = kinds_for(destinations, payload.keep)
         if not kinds:
             return None
         manifest = self.pool.get(job.model).manifest
         sources = self._source_paths(payload, result.sop_instance_uids)
-        previous_key = payload.key(job.model).previous()
-        previous = self.index.result_set(previous_key) if previous_key is not None else None
-        replaces = dict(previous.objects) if previous is not None else {}
+        replaces = self._replaces(job, payload)
         inp = encode_input(result, manifest, self.layout.root, sources, replaces)
-        objects = encode_objects(inp, kinds, self.result_dir(job) / "objects")
+        plan = None
+        if seg_plan is not None:
+            try:
+                plan = seg_plan.result()
+            except Exception:  # noqa: BLE001 - the SEG is then made from scratch
+                LOG.exception("job %s: making the SEG ahead failed", job.id)
+        objects = encode_objects(inp, kinds, self.result_dir(job) / "objects", plan)
         result_set = ResultSet(job.key, payload.study_uid,
                                {k: tuple(p.stem for p in v) for k, v in objects.items()},
                                replaces)
@@ -240,24 +313,37 @@ class InferenceWorker:
             origin="result", attributes=InstanceAttributes.from_dataset(ds),
         )
 
-    def _infer(self, job: Job, payload: JobPayload) -> InferenceResult:
+    def _infer(self, job: Job, payload: JobPayload
+               ) -> tuple[InferenceResult, Future[None] | None, Future[SegPlan | None] | None]:
+        """Load the series, run the model; the SEG is made (all but its pixel data) while
+        the model runs, and the prediction is stored (``labels.npz``, then
+        ``prediction.json``) while the caller encodes it. Returns the result and the two
+        futures (None when an earlier attempt stored the prediction already)."""
         from dicomnode.inference.volume import load_series
 
         out_dir = self.result_dir(job)
         meta_path = out_dir / "prediction.json"
         if meta_path.is_file():  # a previous attempt finished but died before release
-            return InferenceResult.from_json(json.loads(meta_path.read_text()))
+            return InferenceResult.from_json(json.loads(meta_path.read_text())), None, None
         rows = self.index.study_series(payload.study_uid).get(payload.series_uid)
         if not rows:
             raise FileNotFoundError(f"series {payload.series_uid} is not in the index")
         started = time.perf_counter()
-        volume = load_series([self.layout.root / r.path for r in rows])
-        model = self.pool.get(job.model)
-        prediction = model.predict(volume)
+        stat = job.priority is Priority.STAT
+        with self.scheduler.stat(str(job.id)) if stat else contextlib.nullcontext():
+            volume = load_series([self.layout.root / r.path for r in rows],
+                                 allocate=self.buffers.take)
+            seg_plan: Future[SegPlan | None] | None = None
+            try:
+                model = self.pool.get(job.model)
+                seg_plan = self._plan_seg(job, payload, volume, model)
+                prediction = self.scheduler.predict(str(job.id), job.model, model, volume,
+                                                    job.priority)
+            finally:
+                self.buffers.give_back(volume.array)  # the model is done with it
         seconds = time.perf_counter() - started
         out_dir.mkdir(parents=True, exist_ok=True)
         labels_path = out_dir / "labels.npz"
-        atomic_write(labels_path, _npz_bytes(prediction.labels))
         result = InferenceResult(
             job_key=job.key,
             model=prediction.model_name or job.model,
@@ -272,8 +358,12 @@ class InferenceWorker:
             model_seconds=prediction.seconds,
             labels=prediction.labels,  # handed to the encoder as is
         )
-        atomic_write(meta_path, json.dumps(result.to_json(), indent=1).encode())
-        return result
+
+        def store() -> None:  # zlib releases the GIL: this overlaps the encoding
+            atomic_write(labels_path, _npz_bytes(prediction.labels))
+            atomic_write(meta_path, json.dumps(result.to_json(), indent=1).encode())
+
+        return result, self._background.submit(store), seg_plan
 
 
 def _npz_bytes(labels: np.ndarray) -> bytes:

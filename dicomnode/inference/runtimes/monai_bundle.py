@@ -60,6 +60,7 @@ import numpy as np
 
 from dicomnode.core.manifest import Manifest
 from dicomnode.errors import ConfigError
+from dicomnode.inference import execution
 from dicomnode.inference.geometry import Volume
 from dicomnode.inference.runtime import ModelRuntime, Prediction
 from dicomnode.inference.runtimes.torchscript import (
@@ -359,7 +360,10 @@ class MonaiBundleRuntime(ModelRuntime):
         start = time.perf_counter()
         network, inferer = self._network, self._inferer
         arg, channels = run_network(
-            self._prepare(volume), lambda x: inferer(x, network), self.device
+            self._prepare(volume),
+            lambda x: execution.run_inferer(inferer, x, network),  # scheduler hooks
+            self.device,
+            self.manifest.mixed_precision,
         )
         if self._lut is None or len(self._lut) != channels:
             self._lut = channel_lookup(

@@ -11,6 +11,9 @@ by MONAI's ``sliding_window_inference`` (overlap 0.25, constant blending: the
 defaults of ``monai.inferers.SlidingWindowInferer``), under ``torch.inference_mode``
 and, on CUDA, ``torch.autocast`` (float16). Output channel ``c`` becomes label value
 ``c`` of the manifest; channels the manifest does not name become background.
+Under the worker's scheduler the window batches pass through
+:mod:`dicomnode.inference.execution` (preemption by STAT jobs, a smaller batch after
+an out-of-memory error); ``manifest.mixed_precision: false`` turns autocast off.
 
 The small helpers at the top are shared with the MONAI bundle runtime.
 """
@@ -28,6 +31,7 @@ import numpy as np
 
 from dicomnode.core.manifest import Manifest
 from dicomnode.errors import ConfigError
+from dicomnode.inference import execution
 from dicomnode.inference.geometry import Volume
 from dicomnode.inference.runtime import ModelRuntime, Prediction
 
@@ -66,11 +70,12 @@ def check_device(model_dir: Path, device: str) -> None:
         raise ConfigError(str(model_dir), [("device", f"{device!r} asked for, CUDA not available")])
 
 
-def autocast(device: str) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision (float16) on CUDA; a no-op elsewhere."""
+def autocast(device: str, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision (float16) on CUDA where ``enabled`` (the manifest's
+    ``mixed_precision``); a no-op elsewhere."""
     import torch
 
-    if device.startswith("cuda"):
+    if enabled and device.startswith("cuda"):
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -159,14 +164,15 @@ def run_network(
     x: torch.Tensor,
     infer: Callable[[torch.Tensor], Any],
     device: str,
+    amp: bool = True,
 ) -> tuple[np.ndarray, int]:
-    """Run ``infer`` on a ``(1, C, k, i, j)`` input.
+    """Run ``infer`` on a ``(1, C, k, i, j)`` input, under autocast on CUDA if ``amp``.
 
     Returns the argmax channel map ``(k, i, j)`` on the CPU and the number of channels.
     """
     import torch
 
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, amp):
         logits = first_output(infer(x))
     if logits.ndim != 5 or logits.shape[0] != 1 or tuple(logits.shape[2:]) != tuple(x.shape[2:]):
         raise ValueError(
@@ -234,8 +240,8 @@ class TorchScriptRuntime(ModelRuntime):
         return sliding_window_inference(
             x,
             roi_size=self.manifest.patch_size,
-            sw_batch_size=SW_BATCH_SIZE,
-            predictor=self._module,
+            sw_batch_size=execution.window_batch(SW_BATCH_SIZE),
+            predictor=execution.guard(self._module),  # the scheduler's preemption point
             overlap=SW_OVERLAP,
         )
 
@@ -244,7 +250,8 @@ class TorchScriptRuntime(ModelRuntime):
         if self._module is None:
             raise RuntimeError("TorchScriptRuntime.predict() called before load()")
         start = time.perf_counter()
-        arg, channels = run_network(self._prepare(volume), self._infer, self.device)
+        arg, channels = run_network(self._prepare(volume), self._infer, self.device,
+                                    self.manifest.mixed_precision)
         if self._lut is None or len(self._lut) != channels:
             self._lut = channel_lookup(self.manifest, channels, str(self.model_dir))
         return make_prediction(self._lut[arg], self.manifest, volume, self.device, start)
