@@ -237,6 +237,28 @@ _WEB = {
     ("/login", "POST"): ("sign in with a token: a session cookie for reads",
                          "application/x-www-form-urlencoded", "text/html"),
     ("/logout", "POST"): ("sign out", "-", "text/html"),
+    ("/viewer", "GET"): ("OHIF viewer (redirects to /viewer/)", "-", "text/html"),
+    ("/viewer/{path:path}", "GET"): (
+        "OHIF 3.13 viewer: its files, and the app-config.js the node writes (its DICOMweb"
+        " root); without the build, how to install it", "-", "text/html, application/javascript"),
+    ("/workers/v1/heartbeat", "POST"): (
+        "worker API (queue.backend celery, worker tokens): a worker's heartbeat",
+        "application/json", "application/json"),
+    ("/workers/v1/jobs/{job:int}/claim", "POST"): (
+        "worker API: claim a job handed out by the broker", "application/json",
+        "application/json"),
+    ("/workers/v1/jobs/{job:int}/extend", "POST"): (
+        "worker API: extend the lease of a claimed job", "application/json",
+        "application/json"),
+    ("/workers/v1/jobs/{job:int}/fail", "POST"): (
+        "worker API: report a job the worker cannot run", "application/json",
+        "application/json"),
+    ("/workers/v1/jobs/{job:int}/input", "GET"): (
+        "worker API: the job's volume and geometry, no patient identity", "-",
+        "application/octet-stream"),
+    ("/workers/v1/jobs/{job:int}/result", "PUT"): (
+        "worker API: hand back labels and measurements", "application/octet-stream",
+        "application/json"),
     **{(f"/dicom-web/studies/{{study}}{level}/{kind}", "GET"): (
         f"WADO-RS Retrieve {what} {kind.title()}", "-",
         "image/jpeg, image/png" + (" (multipart/related for several)"
@@ -255,20 +277,36 @@ def _routes() -> Iterator[tuple[str, str]]:
     from dicomnode.ingest.spool import Spool
     from dicomnode.metrics import Metrics
 
+    def inner_routes(app: Any) -> list[Any] | None:
+        """The routes behind a mounted app, through its middleware."""
+        for _ in range(8):
+            if app is None:
+                return None
+            if getattr(app, "routes", None) is not None:
+                return list(app.routes)
+            app = getattr(app, "app", None)
+        return None
+
     def walk(routes: list[Any], prefix: str) -> Iterator[tuple[str, str]]:
         for r in routes:
-            inner = getattr(getattr(r, "app", None), "routes", None)
+            inner = inner_routes(getattr(r, "app", None))
             if getattr(r, "methods", None) is None and inner is not None:
                 yield from walk(inner, prefix + r.path)
             else:
                 for method in sorted(set(r.methods or ()) - {"HEAD"}):
                     yield prefix + r.path, method
 
+    from dicomnode.web.worker_api import make_worker_api
+
     with tempfile.TemporaryDirectory(prefix="dicomnode-conformance-") as tmp:
         index = Index(Path(tmp) / "index.sqlite3")
         try:
-            app = build_app(NodeConfig(storage=Path(tmp)), Spool(Path(tmp)), index, Metrics(),
-                            [], lambda: None)
+            # the viewer's routes as they are without its build (the same paths with it),
+            # and the worker API that a celery queue mounts
+            config = NodeConfig.model_validate(
+                {"storage": tmp, "http": {"viewer_dir": str(Path(tmp) / "no-viewer")}})
+            app = build_app(config, Spool(Path(tmp)), index, Metrics(), [], lambda: None,
+                            workers=make_worker_api(None, []))  # type: ignore[arg-type]
             yield from walk(list(app.routes), "")
         finally:
             index.close()

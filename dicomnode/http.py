@@ -6,7 +6,7 @@ worker tokens only).
 
 * DICOMweb, the status page and the viewer need a bearer token (or, for a browser, the
   session cookie /login gives for one) whenever the config lists any (and the config
-  refuses a non-loopback address without them: :mod:`dicomnode.config_http`).
+  refuses a non-loopback address without them: :mod:`dicomnode.config.http`).
 * ``/healthz`` and ``/readyz`` answer without a token (probes); they carry no patient
   data and name no caller.
 * ``/metrics`` needs a token (``http.tokens`` or ``http.metrics_tokens``) whenever any is

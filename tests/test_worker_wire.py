@@ -13,8 +13,8 @@ import pytest
 from conftest import make_series
 
 from dicomnode.core.manifest import load_manifest
+from dicomnode.core.phi import check_shareable
 from dicomnode.errors import ConfigError
-from dicomnode.inference.phi import check_shareable
 from dicomnode.inference.volume import load_series
 from dicomnode.worker import wire
 

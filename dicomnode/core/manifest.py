@@ -71,7 +71,7 @@ class Manifest(_Model):
     @field_validator("attributes")
     @classmethod
     def _shareable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from dicomnode.inference.phi import check_shareable
+        from dicomnode.core.phi import check_shareable
 
         return tuple(check_shareable(k) for k in value)
 

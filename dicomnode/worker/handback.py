@@ -387,7 +387,7 @@ class RemoteJobs:
             return {}
         from pydicom import dcmread
 
-        from dicomnode.inference.phi import check_shareable
+        from dicomnode.core.phi import check_shareable
 
         first_uid = volume.sop_instance_uids[0]
         path = next(self.storage / r.path for r in rows if r.sop_instance_uid == first_uid)

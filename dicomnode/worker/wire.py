@@ -13,7 +13,7 @@ header carries **only** what a model needs and nothing that identifies the patie
 geometry (origin, directions, spacing, slice positions, affine), the modality and SOP
 class, per-slice *opaque keys* (HMAC of the job and the SOP Instance UID, meaningless
 outside the node), a few whitelisted facts about the stack, and the header attributes the
-model's manifest declares (checked by :mod:`dicomnode.inference.phi`). Never names, IDs,
+model's manifest declares (checked by :mod:`dicomnode.core.phi`). Never names, IDs,
 dates, accession numbers or UIDs. The label map's header carries the prediction's
 measurements and the model's identity.
 
