@@ -61,7 +61,10 @@ def imported_modules(path: Path) -> set[str]:
 def third_party(folder: Path) -> dict[str, set[str]]:
     """{top-level module: files importing it} for imports that are neither the standard
     library, nor dicomnode, nor a module or package of ``folder`` itself."""
-    local = {p.stem for p in folder.rglob("*.py")} | {p.name for p in folder.rglob("*") if p.is_dir()}
+    # modules a file of ``folder`` imports by their top-level name (tests/orthanc.py,
+    # bench helpers); a nested module of the package (dicomnode/queue/celery.py) is never
+    # imported by a bare name, so it must not hide the distribution of the same name
+    local = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
     out: dict[str, set[str]] = {}
     for path in sorted(folder.rglob("*.py")):
         for name in imported_modules(path):
