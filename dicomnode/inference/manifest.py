@@ -62,6 +62,10 @@ class Manifest(_Model):
     outputs: tuple[Literal["seg", "sr", "gsps", "sc"], ...] = ("seg", "sr")
     patch_size: tuple[int, int, int] | None = None
     intensity_window: tuple[float, float] | None = None
+    amp: bool = Field(
+        default=True,
+        description="torch runtimes: mixed precision (float16 autocast) on CUDA; off: float32",
+    )
 
 
 def load_manifest(model_dir: Path) -> Manifest:

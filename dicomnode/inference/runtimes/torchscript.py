@@ -4,13 +4,15 @@ The manifest names the file (``weights: model.ts``); it is loaded once with
 ``torch.jit.load(map_location=device)``, put in eval mode and kept there (warm).
 Each ``predict`` feeds ``Volume.array`` ``(k, i, j)`` as a ``(1, 1, k, i, j)`` float
 tensor (so the network must have been trained on that layout: slice axis first,
-then rows, then columns; see :mod:`dicomnode.inference.runtimes.monai_bundle` for
-how this differs from MONAI's usual ``(x, y, z)``), optionally windowed to ``[0, 1]``
-by ``manifest.intensity_window``, run whole or, when ``manifest.patch_size`` is set,
-by MONAI's ``sliding_window_inference`` (overlap 0.25, constant blending: the
-defaults of ``monai.inferers.SlidingWindowInferer``), under ``torch.inference_mode``
-and, on CUDA, ``torch.autocast`` (float16). Output channel ``c`` becomes label value
-``c`` of the manifest; channels the manifest does not name become background.
+then rows, then columns, with no reorientation or resampling; a network trained on
+MONAI-loaded ``(x, y, z)`` RAS volumes belongs in a MONAI bundle, whose runtime hands
+the volume over as MONAI's readers would), optionally windowed to ``[0, 1]`` by
+``manifest.intensity_window``, run whole or, when ``manifest.patch_size`` is set, by
+MONAI's ``sliding_window_inference`` (overlap 0.25, constant blending: the defaults
+of ``monai.inferers.SlidingWindowInferer``), under ``torch.inference_mode`` and, on
+CUDA when ``manifest.amp`` allows (the default), ``torch.autocast`` (float16). Output
+channel ``c`` becomes label value ``c`` of the manifest; channels the manifest does
+not name become background.
 
 The small helpers at the top are shared with the MONAI bundle runtime.
 """
@@ -66,11 +68,12 @@ def check_device(model_dir: Path, device: str) -> None:
         raise ConfigError(str(model_dir), [("device", f"{device!r} asked for, CUDA not available")])
 
 
-def autocast(device: str) -> contextlib.AbstractContextManager[Any]:
-    """Mixed precision (float16) on CUDA; a no-op elsewhere."""
+def autocast(device: str, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision (float16) on CUDA when ``enabled`` (``manifest.amp``); a no-op
+    elsewhere, so that the CPU runs the same code path in float32."""
     import torch
 
-    if device.startswith("cuda"):
+    if enabled and device.startswith("cuda"):
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
@@ -159,14 +162,15 @@ def run_network(
     x: torch.Tensor,
     infer: Callable[[torch.Tensor], Any],
     device: str,
+    amp: bool = True,
 ) -> tuple[np.ndarray, int]:
-    """Run ``infer`` on a ``(1, C, k, i, j)`` input.
+    """Run ``infer`` on a ``(1, C, k, i, j)`` input (autocast on CUDA when ``amp``).
 
     Returns the argmax channel map ``(k, i, j)`` on the CPU and the number of channels.
     """
     import torch
 
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, amp):
         logits = first_output(infer(x))
     if logits.ndim != 5 or logits.shape[0] != 1 or tuple(logits.shape[2:]) != tuple(x.shape[2:]):
         raise ValueError(
@@ -244,7 +248,9 @@ class TorchScriptRuntime(ModelRuntime):
         if self._module is None:
             raise RuntimeError("TorchScriptRuntime.predict() called before load()")
         start = time.perf_counter()
-        arg, channels = run_network(self._prepare(volume), self._infer, self.device)
+        arg, channels = run_network(
+            self._prepare(volume), self._infer, self.device, self.manifest.amp
+        )
         if self._lut is None or len(self._lut) != channels:
             self._lut = channel_lookup(self.manifest, channels, str(self.model_dir))
         return make_prediction(self._lut[arg], self.manifest, volume, self.device, start)
