@@ -61,3 +61,57 @@ class AxisNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
+
+
+# ------------------------------------------------------------------ probe bundles
+
+ZOO = ("spleen_ct_segmentation", "wholeBody_ct_segmentation", "lung_nodule_ct_detection")
+_CATEGORY = {"value": "91723000", "scheme": "SCT", "meaning": "Anatomical Structure"}
+_TYPE = {"value": "39607008", "scheme": "SCT", "meaning": "Lung"}
+
+
+def manifest_for(names: Sequence[str], version: str = "0.0.0") -> dict[str, object]:
+    """A manifest dict naming labels 1..N after ``names`` (one code for all: a probe)."""
+    return {
+        "name": "probe",
+        "version": version,
+        "runtime": "monai_bundle",
+        "labels": [
+            {"value": v, "name": n, "category": _CATEGORY, "type": _TYPE}
+            for v, n in enumerate(names, start=1)
+        ],
+        "accepts": {"modalities": ["CT", "MR"]},
+    }
+
+
+def probe_bundle(zoo_dir: object, dest: object, network: nn.Module,
+                 network_def: dict[str, object], channel_names: Sequence[str]) -> object:
+    """Copy a zoo bundle's configs to ``dest`` with ``network`` in place of its own.
+
+    Everything else in ``inference.json`` (pre/postprocessing, inferer) is the zoo's.
+    Writes ``models/model.pt`` (the probe's state dict), ``metadata.json`` with the
+    probe's channels and a ``manifest.yaml``. Returns the folder (a Path).
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    src, out = Path(str(zoo_dir)), Path(str(dest))
+    shutil.copytree(src / "configs", out / "configs")
+    config_path = out / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["network_def"] = network_def
+    config_path.write_text(json.dumps(config, indent=1))
+    meta_path = out / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    pred = next(iter(meta["network_data_format"]["outputs"].values()))
+    pred["num_channels"] = len(channel_names) + 1
+    pred["channel_def"] = {str(c): n for c, n in enumerate(["background", *channel_names])}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    (out / "models").mkdir()
+    torch.save(network.state_dict(), out / "models" / "model.pt")
+    manifest = manifest_for(channel_names, version=str(meta.get("version", "0.0.0")))
+    (out / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    return out
