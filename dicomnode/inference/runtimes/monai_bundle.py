@@ -110,6 +110,7 @@ class _Prepared:
     handover: Handover
     x: torch.Tensor  # network input (1, C, ...) on the device
 
+
 class MonaiBundleRuntime(ModelRuntime):
     """Runs a MONAI bundle (``configs/inference.json`` + ``models/model.pt|ts``)."""
 
