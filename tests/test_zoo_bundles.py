@@ -220,8 +220,11 @@ REFUSALS: dict[str, tuple[Any, Any, str]] = {
         lambda c: c["network_def"].update(spatial_dims=2), None,
         "a 2-D network"),
     "two input channels": (
-        None, lambda m: m["network_data_format"]["inputs"]["image"].update(num_channels=2),
-        "needs 2 input channels"),
+        lambda c: c["network_def"].update(in_channels=2), None,
+        "the network takes 2 input channels; the preprocessing makes 1"),
+    "two inputs": (
+        None, lambda m: m["network_data_format"]["inputs"].update(t2={"type": "image"}),
+        r"needs 2 inputs \(image, t2\)"),
     "the bundle's own scripts as inferer": (
         lambda c: c.update(inferer={"_target_": "scripts.infer.Inferer"}), None,
         r"scripts\.infer\.Inferer is the bundle's own code"),

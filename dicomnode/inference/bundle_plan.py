@@ -25,8 +25,10 @@ Per transform (names with or without the dictionary ``d``):
   key plus ``pred`` in postprocessing, plus keys earlier transforms copy into.
 * ``Invertd`` in postprocessing: run against the transforms the node applied.
 
-Also refused: networks that are not 3-D, more than one input or input channel,
-outputs that are not images (detection boxes: see the runtime's docstring).
+Also refused: networks that are not 3-D, more than one input, outputs that are not
+images (detection boxes: see the runtime's docstring). Input channels are checked by
+the runtime's dry run: the preprocessing must make from the one series as many
+channels as the network takes (``AddCoordinateChannelsd`` may add some).
 """
 
 from __future__ import annotations
@@ -281,13 +283,6 @@ def refuse_unsupported(parser: Any) -> None:
                 f"needs {len(inputs)} inputs ({', '.join(map(str, inputs))}); the node "
                 f"provides one image series per job",
             )
-        for name, spec in inputs.items():
-            channels = spec.get("num_channels", 1) if isinstance(spec, dict) else 1
-            if isinstance(channels, int) and channels > 1:
-                raise BundleRefused(
-                    f"metadata.json: network_data_format.inputs.{name}",
-                    f"needs {channels} input channels; the node provides one image series",
-                )
     inferer = parser.get("inferer")
     target = inferer.get("_target_", "") if isinstance(inferer, dict) else ""
     if isinstance(target, str) and target.startswith("scripts."):

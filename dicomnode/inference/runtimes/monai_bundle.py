@@ -356,6 +356,13 @@ class MonaiBundleRuntime(ModelRuntime):
                 "inference.json: postprocessing",
                 f"labels of shape {labels.shape} for a volume of {volume.shape}",
             )
+        wanted = parser.get("network_def#in_channels")
+        if isinstance(wanted, int) and wanted != prepared.image.shape[0]:
+            raise self._error(
+                "inference.json: network_def#in_channels",
+                f"the network takes {wanted} input channels; the preprocessing makes "
+                f"{prepared.image.shape[0]} from the one series the node provides",
+            )
 
     @staticmethod
     def _config_channels(parser: Any) -> int | None:
