@@ -4,7 +4,7 @@ The model folder is the bundle root, with dicomnode's ``manifest.yaml`` beside i
 
     models/<name>/
       manifest.yaml            runtime: monai_bundle (name, version, labels with codes)
-      configs/inference.json   (or inference.yaml) network_def, inferer, preprocessing
+      configs/inference.json   (or inference.yaml) network_def, inferer, pre/postprocessing
       configs/metadata.json    optional: version, network_data_format (output channels)
       models/model.pt          state dict for network_def ... or
       models/model.ts          TorchScript (network_def then not needed)
@@ -12,36 +12,44 @@ The model folder is the bundle root, with dicomnode's ``manifest.yaml`` beside i
 ``manifest.weights``, when set, names the weights file inside the folder instead
 (a ``.ts`` suffix means TorchScript, anything else a state dict).
 
-What is taken from ``inference.json`` (with ``monai.bundle.ConfigParser``;
-``bundle_root`` and ``device`` are overridden with the model folder and
-``self.device``):
+What runs, as MONAI's ``SupervisedEvaluator`` would run the bundle's ``inference.json``
+(parsed with ``monai.bundle.ConfigParser``; ``bundle_root`` and ``device`` are
+overridden with the model folder and ``self.device``):
 
 * ``network_def``: instantiated, weights loaded strictly, moved to the device once
   and kept there in eval mode (warm);
-* ``inferer``: instantiated as configured (typically ``SlidingWindowInferer`` with
-  its ``roi_size``, so volumes larger than the patch are run patch by patch); when
-  absent, a sliding window over ``manifest.patch_size`` or the whole volume at once;
-* ``preprocessing``: only the intensity transforms (``ScaleIntensityRange(d)``,
-  ``NormalizeIntensity(d)``, ``ScaleIntensity(d)``, ``ScaleIntensityRangePercentiles(d)``,
-  ``ClipIntensityPercentiles(d)``, ``ThresholdIntensity(d)``) are instantiated and
-  applied, in order. Loading/typing transforms are not needed (the volume is already
-  an array); spatial ones (``Spacingd``, ``Orientationd``, cropping, ...) are NOT
-  applied and are logged as a warning at load;
-* ``postprocessing``: the runtime always takes the argmax over output channels (a
-  softmax before it changes nothing); a config without an argmax is logged.
+* ``preprocessing``: every transform except the loading ones
+  (:mod:`dicomnode.inference.bundle_plan` says per transform what is run, dropped or
+  refused). Instead of ``LoadImage(d)`` the node hands the series over as MONAI's own
+  DICOM readers would return it (:mod:`dicomnode.inference.bundle_geometry`): a
+  ``MetaTensor`` indexed ``(x, y, z)`` = (column, row, slice) with the RAS affine of
+  the DICOM geometry, so ``Orientationd``, ``Spacingd``, crops and intensity
+  transforms behave exactly as on a file the bundle was trained with;
+* ``inferer`` (typically ``SlidingWindowInferer``; when absent, a sliding window over
+  ``manifest.patch_size`` or the whole volume), under ``torch.inference_mode`` and,
+  on CUDA when ``manifest.mixed_precision`` and the bundle's ``amp`` allow, float16 autocast;
+* ``postprocessing`` with the image and the prediction under ``pred``, as the
+  engine hands them: activations, ``Invertd`` (which undoes the preprocessing the
+  node applied, back to the handed-over grid), ``AsDiscreted`` ...; writers
+  (``SaveImaged``) are dropped. A bundle without ``Invertd`` whose preprocessing
+  changed the grid is inverted by the node (nearest neighbour) after its
+  postprocessing.
 
-Output channel ``c`` maps to the manifest label whose name equals the channel's name
-in ``metadata.json`` (``network_data_format.outputs.*.channel_def``), else to the
-label with value ``c``.
+The result, one channel of label values (else the argmax over channels), is taken
+back to the volume's ``(k, i, j)`` grid and mapped to the manifest's labels: output
+channel ``c`` maps to the manifest label whose name equals the channel's name in
+``metadata.json`` (``network_data_format.outputs.*.channel_def``), else to the label
+with value ``c``.
 
-Axis convention. ``Volume.array`` is ``(k, i, j)`` (slice, row, column; see
-:mod:`dicomnode.inference.geometry`) and is fed as a ``(1, 1, k, i, j)`` tensor
-(batch, channel, spatial...). MONAI's usual layout is also channel-first, but its
-spatial axes come from ``LoadImage`` of a NIfTI file, typically ``(x, y, z)`` after
-``Orientationd(axcodes="RAS")``: roughly our axes reversed (column, row, slice) and
-flipped from DICOM LPS to RAS. A bundle trained that way sees dicomnode volumes
-transposed; this runtime does not reorient, so only bundles trained on the
-``(k, i, j)`` layout (like ``models/monai_test_unet``) are consistent.
+Refused at load, with the model's folder and the reason (the node keeps its other
+models): configs that do not parse, weights that do not fit, a second image or label
+key, file-reading transforms, 2-D networks, several inputs or input channels, the
+bundle's own ``scripts/`` code as inferer, and outputs that are not images. The
+last one covers detection bundles (``lung_nodule_ct_detection``: RetinaNet boxes in
+world coordinates): the node returns label maps as DICOM-SEG, and does not turn
+boxes into labels or measurements. Every accepted chain is also run once at load on
+a small synthetic volume with stand-in network outputs, so that a transform that
+cannot run on what the node hands over is refused at start-up, not at the first job.
 
 Bundles are trusted code: ``$`` expressions in a config are evaluated by MONAI and
 TorchScript files carry code. Only install bundles you would install as software.
@@ -49,10 +57,11 @@ TorchScript files carry code. Only install bundles you would install as software
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,15 +70,23 @@ import numpy as np
 from dicomnode.core.manifest import Manifest
 from dicomnode.errors import ConfigError
 from dicomnode.inference import execution
+from dicomnode.inference.bundle_geometry import Handover, labels_to_volume, to_metatensor
+from dicomnode.inference.bundle_plan import (
+    PRED_KEY,
+    BundlePlan,
+    BundleRefused,
+    plan_bundle,
+    refuse_unsupported,
+)
 from dicomnode.inference.geometry import Volume
 from dicomnode.inference.runtime import ModelRuntime, Prediction
 from dicomnode.inference.runtimes.torchscript import (
+    autocast,
     channel_lookup,
     check_device,
     file_in_model_dir,
+    first_output,
     make_prediction,
-    run_network,
-    volume_tensor,
 )
 
 if TYPE_CHECKING:
@@ -79,42 +96,20 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 WEIGHTS_NAMES = ("models/model.pt", "models/model.ts")
-
-#: Preprocessing transforms applied to the volume (their dictionary forms included).
-INTENSITY_TRANSFORMS = frozenset(
-    {
-        "ScaleIntensityRange",
-        "NormalizeIntensity",
-        "ScaleIntensity",
-        "ScaleIntensityRangePercentiles",
-        "ClipIntensityPercentiles",
-        "ThresholdIntensity",
-    }
-)
-#: Preprocessing transforms that are moot for an in-memory volume.
-MOOT_TRANSFORMS = frozenset(
-    {
-        "LoadImage",
-        "EnsureChannelFirst",
-        "AddChannel",
-        "EnsureType",
-        "ToTensor",
-        "ToNumpy",
-        "CastToType",
-        "ToDevice",
-        "Identity",
-    }
-)
+#: The synthetic volume every accepted chain is run on at load: (k, i, j), spacing mm.
+DRY_RUN_SHAPE = (12, 24, 20)
+DRY_RUN_SPACING = (4.0, 3.0, 3.0)
 
 
-def _base_name(target: object) -> str:
-    """``'monai.transforms.ScaleIntensityRanged'`` -> ``'ScaleIntensityRange'``."""
-    name = str(target).rsplit(".", 1)[-1]
-    return (
-        name[:-1]
-        if name.endswith("d") and name[:-1] in INTENSITY_TRANSFORMS | MOOT_TRANSFORMS
-        else name
-    )
+@dataclass
+class _Prepared:
+    """A volume after the bundle's preprocessing."""
+
+    data: Any  # the data dictionary (or the image, for array transforms)
+    image: Any  # the preprocessed image, a MetaTensor (C, ...)
+    compose: Any  # the Compose that was applied (Invertd inverts this one)
+    handover: Handover
+    x: torch.Tensor  # network input (1, C, ...) on the device
 
 
 class MonaiBundleRuntime(ModelRuntime):
@@ -124,9 +119,13 @@ class MonaiBundleRuntime(ModelRuntime):
         super().__init__(manifest, model_dir, device)
         self._network: Any = None
         self._inferer: Callable[..., Any] | None = None
-        self._preprocess: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self._plan: BundlePlan | None = None
+        #: the preprocessing transforms run, in order (a list: tests may edit it)
+        self._preprocess: list[Any] = []
         self._channel_names: dict[int, str] = {}
+        self._channels: int | None = None
         self._lut: np.ndarray | None = None
+        self._amp = manifest.mixed_precision
         self.bundle_version: str | None = None
 
     # ------------------------------------------------------------------ loading
@@ -216,6 +215,7 @@ class MonaiBundleRuntime(ModelRuntime):
             inferer = self._instantiate(parser, "inferer")
             if not callable(inferer):
                 raise self._error("inference.json: inferer", "is not callable")
+            self._inferer_device(inferer)
             roi = getattr(inferer, "roi_size", None)
             patch = self.manifest.patch_size
             if patch is not None and roi is not None and tuple(roi) != tuple(patch):
@@ -232,54 +232,27 @@ class MonaiBundleRuntime(ModelRuntime):
             )
         return SimpleInferer()
 
-    def _load_preprocessing(self, parser: Any) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        raw = parser.get("preprocessing")
-        if raw is None:
-            return []
-        if isinstance(raw, dict) and isinstance(raw.get("transforms"), list):
-            items, prefix = raw["transforms"], "preprocessing#transforms"
-        elif isinstance(raw, list):
-            items, prefix = raw, "preprocessing"
-        else:
-            logger.warning(
-                "%s: preprocessing is not a Compose/list; not applied", self.manifest.name
-            )
-            return []
-        out: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        for index, item in enumerate(items):
-            if (
-                not isinstance(item, dict)
-                or "_target_" not in item
-                or item.get("_disabled_") is True
-            ):
+
+    def _inferer_device(self, inferer: Any) -> None:
+        """A config's CUDA device for the inferer's output/windows becomes ours on a CPU
+        node (a ``cpu`` output device is kept: it spares GPU memory on big volumes)."""
+        import torch
+
+        for attribute in ("device", "sw_device"):
+            value = getattr(inferer, attribute, None)
+            if value is None:
                 continue
-            name = _base_name(item["_target_"])
-            if name in MOOT_TRANSFORMS:
-                continue
-            if name not in INTENSITY_TRANSFORMS:
-                logger.warning(
-                    "%s: preprocessing %s is not applied by dicomnode (only intensity transforms are)",
-                    self.manifest.name,
-                    item["_target_"],
-                )
-                continue
-            out.append(self._wrap(self._instantiate(parser, f"{prefix}#{index}")))
-            logger.debug("%s: preprocessing %s", self.manifest.name, item["_target_"])
-        return out
+            if torch.device(value).type == "cuda":
+                setattr(inferer, attribute, torch.device(self.device))
 
-    @staticmethod
-    def _wrap(transform: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        """An array transform as is; a dictionary transform applied to its first key."""
-        from monai.transforms import MapTransform
-
-        if isinstance(transform, MapTransform):
-            keys = tuple(transform.keys)
-
-            def apply(x: torch.Tensor) -> torch.Tensor:
-                return transform({k: x for k in keys})[keys[0]]
-
-            return apply
-        return transform
+    def _read_amp(self, parser: Any) -> None:
+        """Autocast when the manifest allows it and the bundle's ``amp`` does not forbid it."""
+        raw = parser.get("amp", parser.get("evaluator#amp"))
+        if isinstance(raw, str) and raw.startswith("@"):
+            raw = parser.get(raw[1:])
+        if raw is False and self.manifest.mixed_precision:
+            logger.info("%s: the bundle sets amp false; no autocast", self.manifest.name)
+        self._amp = self.manifest.mixed_precision and raw is not False
 
     def _read_meta(self, parser: Any) -> None:
         version = parser.get("_meta_#version")
@@ -307,6 +280,7 @@ class MonaiBundleRuntime(ModelRuntime):
             ) from None
         channels = first.get("num_channels")
         if isinstance(channels, int) and channels >= 2:
+            self._channels = channels
             self._lut = channel_lookup(
                 self.manifest, channels, str(self.model_dir), self._channel_names
             )
@@ -318,55 +292,208 @@ class MonaiBundleRuntime(ModelRuntime):
             raise self._error("(folder)", "model folder not found")
         check_device(self.model_dir, self.device)
         parser = self._parser()
+        try:
+            refuse_unsupported(parser)
+        except BundleRefused as exc:
+            raise self._error(exc.where, exc.reason) from None
         self._read_meta(parser)
+        self._read_amp(parser)
         network = self._load_network(parser)
         network.eval()
         inferer = self._load_inferer(parser)
-        preprocess = self._load_preprocessing(parser)
-        post = json.dumps(parser.get("postprocessing"))
-        if parser.get("postprocessing") is not None and "argmax" not in post:
-            logger.warning(
-                "%s: bundle postprocessing has no argmax; dicomnode takes it anyway",
-                self.manifest.name,
-            )
-        self._network, self._inferer, self._preprocess = network, inferer, preprocess
+        try:
+            plan = plan_bundle(parser)
+        except BundleRefused as exc:
+            raise self._error(f"inference.json: {exc.where}", exc.reason) from None
+        self._plan, self._preprocess = plan, list(plan.preprocess)
+        self._network, self._inferer = network, inferer
+        self._dry_run(parser)
         logger.info(
-            "loaded MONAI bundle %s %s (%s, %s) on %s in %.2f s",
+            "loaded MONAI bundle %s %s (%s, %s; %d preprocessing, %d postprocessing "
+            "transforms%s) on %s in %.2f s",
             self.manifest.name,
             self.manifest.version,
             type(network).__name__,
             type(inferer).__name__,
+            len(plan.preprocess),
+            len(plan.postprocess),
+            f", dropped {', '.join(plan.dropped)}" if plan.dropped else "",
             self.device,
             time.perf_counter() - start,
         )
 
-    # ------------------------------------------------------------------ inference
-
-    def _prepare(self, volume: Volume) -> torch.Tensor:
+    def _dry_run(self, parser: Any) -> None:
+        """Run the chain once on a small synthetic volume with stand-in network outputs."""
         import torch
 
-        x = volume_tensor(volume, self.device)
-        for transform in self._preprocess:
-            x = transform(x)
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.device)
-        if hasattr(x, "as_tensor"):  # MetaTensor -> plain tensor (TorchScript-friendly)
-            x = x.as_tensor()
-        return x[None]
+        n = DRY_RUN_SHAPE[0]
+        rng = np.random.default_rng(0)
+        volume = Volume(
+            array=rng.uniform(-1000.0, 1000.0, DRY_RUN_SHAPE).astype(np.float32),
+            origin=np.array([-30.0, -36.0, 0.0]),
+            row_direction=np.array([1.0, 0.0, 0.0]),
+            col_direction=np.array([0.0, 1.0, 0.0]),
+            slice_direction=np.array([0.0, 0.0, 1.0]),
+            spacing=DRY_RUN_SPACING,
+            slice_positions=np.arange(n) * DRY_RUN_SPACING[0],
+            sop_instance_uids=tuple(f"2.25.{k + 1}" for k in range(n)),
+            study_uid="2.25.1", series_uid="2.25.2", frame_of_reference_uid="2.25.3",
+            modality="CT",
+        )
+        channels = self._channels or self._config_channels(parser) or 2
+        try:
+            prepared = self._run_preprocessing(volume, to_device=False)
+            spatial = tuple(prepared.image.shape[1:])
+            logits = torch.zeros((1, channels, *spatial))
+            logits[:, 0] = 1.0
+            labels = self._postprocess(prepared, logits)
+        except Exception as exc:  # any transform failure: the chain cannot run here
+            raise self._error(
+                "inference.json: preprocessing/postprocessing",
+                f"does not run on a volume the node hands over: {type(exc).__name__}: {exc}",
+            ) from None
+        if labels.shape != volume.shape:
+            raise self._error(
+                "inference.json: postprocessing",
+                f"labels of shape {labels.shape} for a volume of {volume.shape}",
+            )
+        wanted = parser.get("network_def#in_channels")
+        if isinstance(wanted, int) and wanted != prepared.image.shape[0]:
+            raise self._error(
+                "inference.json: network_def#in_channels",
+                f"the network takes {wanted} input channels; the preprocessing makes "
+                f"{prepared.image.shape[0]} from the one series the node provides",
+            )
+
+    @staticmethod
+    def _config_channels(parser: Any) -> int | None:
+        value = parser.get("network_def#out_channels")
+        return value if isinstance(value, int) and value >= 1 else None
+
+    # ------------------------------------------------------------------ inference
+
+    def _run_preprocessing(self, volume: Volume, to_device: bool = True) -> _Prepared:
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import Compose
+
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("MonaiBundleRuntime.predict() called before load()")
+        image, handover = to_metatensor(
+            volume, lps_to_ras=plan.lps_to_ras, channel_first=plan.channel_first
+        )
+        compose = Compose(list(self._preprocess), **plan.compose_options)
+        key = plan.image_key
+        if key is None:
+            data: Any = compose(image)
+            out = data
+        else:
+            source: dict[str, Any] = {key: image}
+            if plan.meta_dict:
+                source[f"{key}_meta_dict"] = dict(image.meta)
+            data = compose(source)
+            out = data[key]
+        if not isinstance(out, MetaTensor):
+            raise ValueError(
+                f"preprocessing returned a {type(out).__name__}, not a MONAI MetaTensor "
+                f"(a transform dropped the image geometry)"
+            )
+        if out.ndim != 4:
+            raise ValueError(
+                f"preprocessing returned shape {tuple(out.shape)}, expected (channel, x, y, z)"
+            )
+        x = torch.as_tensor(out.as_tensor(), dtype=torch.float32)[None]
+        if to_device:
+            x = x.to(self.device)
+        return _Prepared(data=data, image=out, compose=compose, handover=handover, x=x)
+
+    def _prepare(self, volume: Volume) -> torch.Tensor:
+        """The network input ``(1, C, ...)`` for a volume (after the preprocessing)."""
+        return self._run_preprocessing(volume).x
+
+    def _postprocess(self, prepared: _Prepared, logits: torch.Tensor) -> np.ndarray:
+        """The bundle's postprocessing on the network output; labels ``(k, i, j)``."""
+        import torch
+        from monai.data import MetaTensor
+        from monai.transforms import Compose, Invertd
+        from monai.transforms.utils import convert_applied_interp_mode
+
+        plan = self._plan
+        assert plan is not None
+        image = prepared.image
+        pred = MetaTensor(
+            logits[0].float(),
+            meta=copy.deepcopy(image.meta),
+            applied_operations=copy.deepcopy(image.applied_operations),
+        )
+        steps = []
+        for transform in plan.postprocess:
+            if isinstance(transform, Invertd):
+                transform = copy.copy(transform)  # inverts what *this* call applied
+                transform.transform = prepared.compose
+            steps.append(transform)
+        key = plan.image_key
+        if key is None:
+            out = Compose(steps)(pred) if steps else pred
+        else:
+            data = Compose(steps)({**prepared.data, PRED_KEY: pred})
+            out = data[PRED_KEY]
+        if not plan.has_invert and image.applied_operations:
+            # the bundle leaves the prediction on its own grid: take it back (nearest)
+            ops = convert_applied_interp_mode(
+                copy.deepcopy(image.applied_operations), mode="nearest", align_corners=None
+            )
+            out = MetaTensor(
+                torch.as_tensor(out), meta=copy.deepcopy(image.meta), applied_operations=ops
+            )
+            if key is None:
+                out = prepared.compose.inverse(out)
+            else:
+                out = prepared.compose.inverse({key: out})[key]
+        labels = torch.as_tensor(out).detach()
+        if labels.ndim == 4 and labels.shape[0] > 1:
+            labels = torch.argmax(labels, dim=0)
+        else:
+            rounded = torch.round(labels.float())
+            if not torch.allclose(rounded, labels.float(), atol=1e-3):
+                raise ValueError(
+                    "postprocessing leaves one channel of non-integer values; a bundle "
+                    "must end with label values (e.g. AsDiscreted argmax) or class channels"
+                )
+            labels = rounded
+        return labels_to_volume(labels.to(torch.int64), prepared.handover)
 
     def predict(self, volume: Volume) -> Prediction:
         """Segment one volume; labels in the volume's (k, i, j) grid."""
-        if self._network is None or self._inferer is None:
+        import torch
+
+        if self._network is None or self._inferer is None or self._plan is None:
             raise RuntimeError("MonaiBundleRuntime.predict() called before load()")
         start = time.perf_counter()
         network, inferer = self._network, self._inferer
-        arg, channels = run_network(
-            self._prepare(volume),
-            lambda x: execution.run_inferer(inferer, x, network),  # scheduler hooks
-            self.device,
-            self.manifest.mixed_precision,
-        )
+        # no_grad, not inference_mode: the postprocessing may update tensors in place
+        with torch.no_grad():
+            prepared = self._run_preprocessing(volume)
+            with autocast(self.device, self._amp):
+                # the scheduler's hooks (STAT pre-emption, smaller window batches after OOM)
+                logits = first_output(execution.run_inferer(inferer, prepared.x, network))
+            logits = torch.as_tensor(logits)
+            if logits.ndim != 5 or tuple(logits.shape[2:]) != tuple(prepared.x.shape[2:]):
+                raise ValueError(
+                    f"network output shape {tuple(logits.shape)} does not match its input "
+                    f"{tuple(prepared.x.shape)}"
+                )
+            channels = max(int(logits.shape[1]), 2)
+            arg = self._postprocess(prepared, logits)
         if self._lut is None or len(self._lut) != channels:
             self._lut = channel_lookup(
                 self.manifest, channels, str(self.model_dir), self._channel_names
             )
-        return make_prediction(self._lut[arg], self.manifest, volume, self.device, start)
+        if int(arg.max(initial=0)) >= len(self._lut) or int(arg.min(initial=0)) < 0:
+            raise ValueError(
+                f"bundle labels range {int(arg.min())}..{int(arg.max())}, the network has "
+                f"{channels} channels"
+            )
+        labels = self._lut[arg]
+        return make_prediction(labels, self.manifest, volume, self.device, start)

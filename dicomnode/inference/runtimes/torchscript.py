@@ -4,16 +4,17 @@ The manifest names the file (``weights: model.ts``); it is loaded once with
 ``torch.jit.load(map_location=device)``, put in eval mode and kept there (warm).
 Each ``predict`` feeds ``Volume.array`` ``(k, i, j)`` as a ``(1, 1, k, i, j)`` float
 tensor (so the network must have been trained on that layout: slice axis first,
-then rows, then columns; see :mod:`dicomnode.inference.runtimes.monai_bundle` for
-how this differs from MONAI's usual ``(x, y, z)``), optionally windowed to ``[0, 1]``
-by ``manifest.intensity_window``, run whole or, when ``manifest.patch_size`` is set,
-by MONAI's ``sliding_window_inference`` (overlap 0.25, constant blending: the
-defaults of ``monai.inferers.SlidingWindowInferer``), under ``torch.inference_mode``
-and, on CUDA, ``torch.autocast`` (float16). Output channel ``c`` becomes label value
-``c`` of the manifest; channels the manifest does not name become background.
-Under the worker's scheduler the window batches pass through
-:mod:`dicomnode.inference.execution` (preemption by STAT jobs, a smaller batch after
-an out-of-memory error); ``manifest.mixed_precision: false`` turns autocast off.
+then rows, then columns, with no reorientation or resampling; a network trained on
+MONAI-loaded ``(x, y, z)`` RAS volumes belongs in a MONAI bundle, whose runtime hands
+the volume over as MONAI's readers would), optionally windowed to ``[0, 1]`` by
+``manifest.intensity_window``, run whole or, when ``manifest.patch_size`` is set, by
+MONAI's ``sliding_window_inference`` (overlap 0.25, constant blending: the defaults
+of ``monai.inferers.SlidingWindowInferer``), under ``torch.inference_mode`` and, on
+CUDA when ``manifest.mixed_precision`` allows (the default), ``torch.autocast``
+(float16). Output channel ``c`` becomes label value ``c`` of the manifest; channels the
+manifest does not name become background. Under the worker's scheduler the window
+batches pass through :mod:`dicomnode.inference.execution` (preemption by STAT jobs, a
+smaller batch after an out-of-memory error).
 
 The small helpers at the top are shared with the MONAI bundle runtime.
 """
@@ -107,24 +108,28 @@ def channel_lookup(
 ) -> np.ndarray:
     """A lookup table ``lut[channel] -> label value`` (uint8) for an argmax map.
 
-    Channel 0 is background. A channel ``c >= 1`` maps to the manifest label whose
-    name equals ``channel_names[c]`` (case-insensitive) when names are given and one
-    matches, else to the label whose value is ``c``, else to background (logged).
+    Channel 0 is background. When ``channel_names`` are given and any manifest label
+    name equals one of them (case-insensitive), channels map by name only: channel
+    ``c`` to the label named ``channel_names[c]``. Otherwise channel ``c >= 1`` maps
+    to the label whose value is ``c``. Other channels become background (logged once).
     Raises :class:`ConfigError` when a manifest label gets no channel.
     """
     by_name = {label.name.casefold(): label.value for label in manifest.labels}
     by_value = {label.value for label in manifest.labels}
+    names = {c: n.casefold() for c, n in (channel_names or {}).items()}
+    use_names = any(n in by_name for c, n in names.items() if c >= 1)
     lut = np.zeros(num_channels, dtype=np.uint8)
+    ignored: list[str] = []
     for c in range(1, num_channels):
-        name = (channel_names or {}).get(c)
-        if name is not None and name.casefold() in by_name:
-            lut[c] = by_name[name.casefold()]
-        elif c in by_value:
+        if use_names and names.get(c) in by_name:
+            lut[c] = by_name[names[c]]
+        elif not use_names and c in by_value:
             lut[c] = c
         else:
-            logger.warning(
-                "%s: output channel %d (%s) has no manifest label; ignored", source, c, name
-            )
+            ignored.append(f"{c} ({names[c]})" if c in names else str(c))
+    if ignored:
+        logger.info("%s: output channel(s) without a manifest label, taken as background: %s",
+                    source, ", ".join(ignored))
     missing = sorted(by_value - set(int(v) for v in lut[1:]))
     if missing:
         raise ConfigError(
