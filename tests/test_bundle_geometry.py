@@ -47,13 +47,13 @@ from bundle_probes import AxisNet, ThresholdNet, probe_bundle  # noqa: E402
 from conftest import dicom_files, shared  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from dicomnode.core.manifest import load_manifest  # noqa: E402
 from dicomnode.inference.bundle_geometry import (  # noqa: E402
     slice_origins,
     sub_volume,
     to_metatensor,
 )
 from dicomnode.inference.geometry import Volume  # noqa: E402
-from dicomnode.inference.manifest import load_manifest  # noqa: E402
 from dicomnode.inference.runtimes.monai_bundle import MonaiBundleRuntime  # noqa: E402
 from dicomnode.inference.volume import load_series  # noqa: E402
 from dicomnode.synthetic_oriented import (  # noqa: E402

@@ -29,9 +29,9 @@ pytest.importorskip("nibabel")
 from conftest import ROOT, dicom_files, shared, storescu  # noqa: E402
 from test_lung_model import _import_model  # noqa: E402
 
+from dicomnode.core.manifest import load_manifest  # noqa: E402
 from dicomnode.inference.bundle_geometry import sub_volume  # noqa: E402
 from dicomnode.inference.geometry import Volume  # noqa: E402
-from dicomnode.inference.manifest import load_manifest  # noqa: E402
 from dicomnode.inference.runtimes import load_model  # noqa: E402
 from dicomnode.inference.volume import load_series  # noqa: E402
 from dicomnode.synthetic_oriented import chest_phantom, oriented, sample, to_volume  # noqa: E402

@@ -26,9 +26,9 @@ pytest.importorskip("nibabel")
 from bundle_probes import manifest_for  # noqa: E402
 from conftest import ROOT, shared  # noqa: E402
 
+from dicomnode.core.manifest import load_manifest  # noqa: E402
 from dicomnode.errors import ConfigError  # noqa: E402
 from dicomnode.inference.bundle_geometry import to_metatensor  # noqa: E402
-from dicomnode.inference.manifest import load_manifest  # noqa: E402
 from dicomnode.inference.runtimes.monai_bundle import MonaiBundleRuntime  # noqa: E402
 from dicomnode.inference.volume import load_series  # noqa: E402
 from dicomnode.synthetic_oriented import blocks_phantom, oriented, write_series  # noqa: E402
@@ -248,7 +248,7 @@ def test_refused_at_load_with_the_reason(case: str, tmp_path: Path) -> None:
 def test_the_node_keeps_its_other_models(tmp_path: Path) -> None:
     """One bundle refused: the model pool still loads the others (the node starts with
     them, see service._preload and tests/test_lung_unet.py)."""
-    from dicomnode.pipeline import ModelPool
+    from dicomnode.worker.pool import ModelPool
 
     models = tmp_path / "models"
     _spleen_edit(models, lambda c: c.update(inferer={"_target_": "scripts.x.Y"}))

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from dicomnode.core.manifest import Manifest
 from dicomnode.errors import DicomNodeError
 from dicomnode.inference.geometry import Volume
-from dicomnode.core.manifest import Manifest
 from dicomnode.inference.runtime import ModelRuntime, Prediction
 
 LOG = logging.getLogger(__name__)

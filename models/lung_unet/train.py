@@ -58,9 +58,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dicomnode.core.manifest import load_manifest  # noqa: E402
 from dicomnode.inference.bundle_geometry import sub_volume, to_metatensor  # noqa: E402
 from dicomnode.inference.geometry import Volume  # noqa: E402
-from dicomnode.inference.manifest import load_manifest  # noqa: E402
 from dicomnode.synthetic_oriented import (  # noqa: E402
     chest_phantom,
     oriented,
