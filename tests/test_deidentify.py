@@ -242,7 +242,8 @@ def test_offsite_destination_receives_nothing_identifying(world: dict[str, Any],
         seg.FrameOfReferenceUID}
     evidence = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
-    assert evidence == {seg.SOPInstanceUID}
+    # the SEG, and the CT slices its planar regions are drawn on (for OHIF)
+    assert seg.SOPInstanceUID in evidence and evidence - {seg.SOPInstanceUID} <= cts
     # dates: one offset for the patient, kept clean descriptions, dropped identifying ones
     ct = next(d for d in datasets if d.Modality == "CT")
     shift = (pydicom.valuerep.DA(world["originals"][0].StudyDate)

@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Declared, never imported by name: pydicom finds and loads them as pixel decoder
 # plugins (see dicomnode/decoders.py).
-PLUGINS = {"python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle"}
+PLUGINS = {"python-gdcm", "pylibjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+           # MONAI's Orientationd/Spacingd on a bundle's volume import nibabel themselves
+           "nibabel"}
 
 
 def _normalise(name: str) -> str:

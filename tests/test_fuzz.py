@@ -151,6 +151,12 @@ if __name__ == "__main__":
 """
 
 
+def _peak_rss_mb() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+
+
 def _run_fuzzer(tmp_path: Path, name: str, body: str, seeds: list[bytes],
                 seconds: int, **fmt: object) -> None:
     work = tmp_path / name
@@ -168,7 +174,11 @@ def _run_fuzzer(tmp_path: Path, name: str, body: str, seeds: list[bytes],
         sys.executable, str(script),
         f"-max_total_time={seconds}",
         f"-timeout={PER_INPUT_TIMEOUT}",
-        f"-rss_limit_mb={RSS_LIMIT_MB}",
+        # Linux carries the parent's peak RSS into a forked child's ru_maxrss, which
+        # libFuzzer reads: the limit is the target's own budget on top of what this
+        # pytest process already peaked at (every allocation is capped separately)
+        f"-rss_limit_mb={RSS_LIMIT_MB + _peak_rss_mb()}",
+        f"-malloc_limit_mb={RSS_LIMIT_MB}",
         f"-max_len={max_len}",
         f"-artifact_prefix={artifacts}/",
         "-print_final_stats=1",

@@ -60,7 +60,7 @@ def reconcile(index: Index, spool: Spool) -> tuple[int, int]:
                     path=rel,
                     expected_count=int(count) if count else None,
                     attributes=InstanceAttributes.from_dataset(ds),
-                ))
+                ), audit_pending=True)  # its transfer record is owed too (written at start-up)
                 added += 1
             except Exception as exc:
                 LOG.error("cannot re-index %s: %s", rel, exc)
