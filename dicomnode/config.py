@@ -24,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+# the DIMSE door's settings live in their own module; they are part of this schema
+from dicomnode.config_ingest import IngestConfig as IngestConfig
+from dicomnode.config_ingest import TlsConfig as TlsConfig
 from dicomnode.core.uids import is_uid
 from dicomnode.errors import ConfigError
 
@@ -120,32 +123,6 @@ class CompletionConfig(_Model):
     )
 
 
-class TlsConfig(_Model):
-    """DICOM TLS on the receiving side (PS3.15 B.1, BCP 195: TLS 1.2 or later).
-
-    Without ``port`` the main port speaks only TLS; with it, the main port stays plain
-    and a second server on ``port`` speaks TLS.
-    """
-
-    certfile: str = Field(description="the node's certificate chain (PEM)")
-    keyfile: str = Field(description="the private key of certfile (PEM, unencrypted)")
-    ca_file: str | None = Field(
-        default=None, description="CA certificates (PEM) that client certificates must chain to"
-    )
-    require_client_cert: bool = Field(
-        default=False, description="refuse a TLS client that presents no valid certificate"
-    )
-    port: Port | None = Field(
-        default=None, description="a separate TLS port; when absent the main port is TLS-only"
-    )
-
-    @model_validator(mode="after")
-    def _ca_for_clients(self) -> TlsConfig:
-        if self.require_client_cert and not self.ca_file:
-            raise ValueError("require_client_cert needs ca_file (the CA of the client certificates)")
-        return self
-
-
 class DestinationTls(_Model):
     """DICOM TLS towards a destination (the node is the TLS client)."""
 
@@ -164,46 +141,6 @@ class DestinationTls(_Model):
     def _pair(self) -> DestinationTls:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("certfile and keyfile go together")
-        return self
-
-
-class IngestConfig(_Model):
-    """The DIMSE receiver's tuning."""
-
-    processes: int = Field(
-        default=1,
-        ge=1,
-        le=32,
-        description="receiving processes sharing the port; more spread associations over cores",
-    )
-    max_pdu_size: int = Field(
-        default=0,
-        ge=0,
-        description="largest P-DATA PDU accepted, bytes; 0 for unlimited",
-    )
-    acse_timeout: float = Field(default=30.0, gt=0)
-    dimse_timeout: float = Field(default=60.0, gt=0)
-    network_timeout: float = Field(default=60.0, gt=0)
-    max_associations: int = Field(default=32, ge=1, le=1024)
-    max_associations_per_caller: int | None = Field(
-        default=None,
-        ge=1,
-        le=1024,
-        description="open associations one calling AE title may hold at once; more are"
-        " rejected (A-ASSOCIATE-RJ transient, local limit exceeded)",
-    )
-    max_instance_bytes: int | None = Field(
-        default=None,
-        ge=1,
-        description="largest C-STORE dataset accepted, bytes; larger ones get 0xA700"
-        " (pynetdicom buffers the whole dataset in memory before the node sees it)",
-    )
-    tls: TlsConfig | None = Field(default=None, description="DICOM TLS (PS3.15 B.1)")
-
-    @model_validator(mode="after")
-    def _tls_port(self) -> IngestConfig:
-        if self.tls is not None and self.tls.port is not None and self.processes > 1:
-            raise ValueError("a separate ingest.tls.port needs ingest.processes: 1")
         return self
 
 
@@ -461,11 +398,20 @@ class NodeConfig(_Model):
     """The whole service configuration."""
 
     ae_title: AETitle = "DICOMNODE"
-    bind_address: str = Field(default="0.0.0.0", description="address the SCP listens on")
+    bind_address: str = Field(
+        default="127.0.0.1",
+        description="address the DIMSE port listens on: loopback by default; a network"
+        " address (or 0.0.0.0) needs allowed_callers, or accept_any_caller: true",
+    )
     port: Port = 11112
     storage: Path = Field(default=Path("dicomnode-data"), description="spool and index folder")
     allowed_callers: tuple[AllowedCaller, ...] = Field(
         default=(), description="when non-empty, only these calling AE titles may associate"
+    )
+    accept_any_caller: bool = Field(
+        default=False,
+        description="accept any calling AE title on a network bind_address with no"
+        " allowed_callers: only where a firewall already admits nothing but your senders",
     )
     completion: CompletionConfig = CompletionConfig()
     ingest: IngestConfig = IngestConfig()
@@ -487,6 +433,24 @@ class NodeConfig(_Model):
         except ValueError:
             raise ValueError(f"{value!r} is not an IP address") from None
         return value
+
+    @model_validator(mode="after")
+    def _door_not_open_to_all(self) -> NodeConfig:
+        # Refused, not warned: whatever arrives is routed to models and the results are
+        # sent on to the PACS, so an open door lets anyone on the network inject studies.
+        if (not ipaddress.ip_address(self.bind_address).is_loopback
+                and not self.allowed_callers and not self.accept_any_caller):
+            raise ValueError(
+                f"allowed_callers: must list the peers that may send when bind_address"
+                f" ({self.bind_address}) is reachable from the network; or set"
+                " accept_any_caller: true to accept any calling AE title")
+        return self
+
+    @property
+    def open_to_any_caller(self) -> bool:
+        """Any calling AE title may store from the network (accept_any_caller)."""
+        return (not ipaddress.ip_address(self.bind_address).is_loopback
+                and not self.allowed_callers)
 
     @model_validator(mode="after")
     def _unique_names(self) -> NodeConfig:
