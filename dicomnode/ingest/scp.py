@@ -2,10 +2,12 @@
 
 Every storage SOP class and every transfer syntax the peer proposes is accepted
 (the first proposed transfer syntax of each context, so that instances are stored
-exactly as the sender encoded them). The C-STORE handler never decodes pixel
-data: it reads the few attributes it needs from the header, writes the received
-bytes durably through the spool, commits the index row, and only then answers
-Success. Errors become a DIMSE status here and nowhere else.
+exactly as the sender encoded them). The data set reaches the disk as its P-DATA
+fragments arrive (:mod:`dicomnode.ingest.streaming`), never whole in memory. The
+C-STORE handler never decodes pixel data: it reads the few attributes it needs from the
+start of that file, has the spool adopt it durably (fdatasync, rename), commits the
+index row, and only then answers Success. Errors become a DIMSE status here and
+nowhere else.
 """
 
 from __future__ import annotations

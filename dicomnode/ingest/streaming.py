@@ -81,8 +81,8 @@ class StreamedDataset:
         try:
             yield view
         finally:
-            view.release()
             try:
+                view.release()
                 mapped.close()
             except BufferError:  # a view into it is still alive: unmapped when collected
                 pass
