@@ -445,3 +445,23 @@ def test_two_messages_in_one_pdu_and_a_c_store_without_data_set(node_factory: An
         assoc.release()
     assert "without a data set" in node.log()
     assert node.stop() == 0
+
+
+def test_a_stream_in_pieces_reads_its_header_from_the_file(tmp_path: Path) -> None:
+    from dicomnode.ingest import streaming
+    from dicomnode.ingest.spool import Spool
+    from dicomnode.ingest.streaming import DatasetStream
+
+    spool = Spool(tmp_path / "spool")
+    meta = b"\0" * 128 + b"DICM"
+    big = bytes(range(256)) * ((streaming.WRITE_BUFFER + 4096) // 256)
+    stream = DatasetStream(spool, meta)
+    for i in range(0, len(big), 16384):
+        stream.write(memoryview(big)[i:i + 16384])
+    done = stream.finish()
+    assert done.whole is None and done.path is not None  # written in pieces
+    assert done.path.read_bytes() == meta + big
+    with done.header() as head:
+        assert bytes(head[:1000]) == big[:1000] and len(head) == len(big)
+    done.discard()
+    assert list(spool.tmp.iterdir()) == []

@@ -318,6 +318,8 @@ class StoreSCP:
                     transfer_syntax=str(event.context.transfer_syntax),
                     size=streamed.size, header_bytes=head, file=streamed.path,
                 ))
+            if outcome.stored and not outcome.duplicate:
+                streamed.adopted()
             return outcome.status
         finally:
             streamed.discard()  # a no-op once the spool adopted the file

@@ -45,20 +45,29 @@ HEADER_WINDOW = 8 << 20
 class StreamedDataset:
     """A received data set: ``path`` (a Part 10 file in the spool's ``tmp/``, the data
     set starting at ``meta_length``), or None with ``refused`` saying why it was not
-    kept; ``size`` counts every data set byte received, kept or not."""
+    kept; ``size`` counts every data set byte received, kept or not. ``whole``: the
+    file's bytes, when it was written in one piece (a data set under
+    :data:`WRITE_BUFFER`): the header is then read from them, not from the file."""
 
-    __slots__ = ("path", "size", "meta_length", "refused")
+    __slots__ = ("path", "size", "meta_length", "refused", "whole")
 
     def __init__(self, path: Path | None, size: int, meta_length: int,
-                 refused: str | None) -> None:
+                 refused: str | None, whole: bytearray | None = None) -> None:
         self.path = path
         self.size = size
         self.meta_length = meta_length
         self.refused = refused
+        self.whole = whole
+
+    def adopted(self) -> None:
+        """The spool adopted the file (renamed it into place): nothing to discard."""
+        self.path = None
+        self.whole = None
 
     def discard(self) -> None:
         """Remove the file unless the spool adopted it. Idempotent."""
         path, self.path = self.path, None
+        self.whole = None
         if path is not None:
             try:
                 path.unlink()
@@ -74,6 +83,9 @@ class StreamedDataset:
         n = min(self.size, HEADER_WINDOW)
         if self.path is None or n == 0:
             yield memoryview(b"")
+            return
+        if self.whole is not None:
+            yield memoryview(self.whole)[self.meta_length:self.meta_length + n]
             return
         with self.path.open("rb") as f:
             mapped = mmap.mmap(f.fileno(), self.meta_length + n, access=mmap.ACCESS_READ)
@@ -106,6 +118,7 @@ class DatasetStream:
         self.refused: str | None = None
         self._fd = -1
         self._path: Path | None = None
+        self._written = False  # a write() has happened: the file is in pieces
         self._buf = bytearray(meta)
         self._lock = threading.Lock()
         if disk_guard is not None:
@@ -132,7 +145,7 @@ class DatasetStream:
             if len(self._buf) >= WRITE_BUFFER:
                 self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, keep: bool = False) -> None:
         if self._guard is not None:
             ok, why = self._guard.check()
             if not ok:
@@ -148,7 +161,11 @@ class DatasetStream:
         except OSError as exc:
             self._refuse(_io_reason(exc))
             return
-        del self._buf[:]
+        self._written = True
+        if keep:
+            self._buf = bytearray()  # the caller holds on to the bytes just written
+        else:
+            del self._buf[:]
 
     def _refuse(self, reason: str) -> None:
         if self.refused is None:
@@ -174,8 +191,14 @@ class DatasetStream:
         """The last fragment has arrived: the file is complete (not yet synced: the
         spool's adopt() fdatasyncs it) or the data set was refused."""
         with self._lock:
+            whole = None
             if self._fd >= 0:
-                self._flush()
+                # written in one piece (no write() yet): keep the bytes for the header
+                keep = not self._written
+                buf = self._buf
+                self._flush(keep=keep)
+                if keep and self._fd >= 0:
+                    whole = buf
             if self._fd >= 0:
                 fd, self._fd = self._fd, -1
                 try:
@@ -183,8 +206,9 @@ class DatasetStream:
                 except OSError as exc:  # NFS and friends report write errors at close
                     self._refuse(_io_reason(exc))
             path, self._path = self._path, None
-            return StreamedDataset(path if self.refused is None else None, self.size,
-                                   self._meta_length, self.refused)
+            if self.refused is not None:
+                return StreamedDataset(None, self.size, self._meta_length, self.refused)
+            return StreamedDataset(path, self.size, self._meta_length, None, whole)
 
     def discard(self) -> None:
         """The data set will never complete: remove what was written. Idempotent."""
