@@ -273,6 +273,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         raise ConfigError(str(args.file), problems)
     print(f"{args.file}: OK (AE {config.ae_title} on {config.bind_address}:{config.port}, "
           f"storage {config.storage})")
+    if config.open_to_any_caller:
+        print(f"warning: accept_any_caller: any calling AE title reachable through"
+              f" {config.bind_address}:{config.port} may store instances", file=sys.stderr)
     return EXIT_OK
 
 

@@ -350,7 +350,6 @@ _MEANINGS = {
     "ae_title": "AE title of STORE-SCP (called) and RESULT-SCU (calling)",
     "port": "DIMSE port of STORE-SCP",
     "destinations": "where results go (C-STORE or STOW-RS), see below",
-    "ingest.max_associations": "associations served at once; more are rejected (transient)",
     "ingest.acse_timeout": "seconds to wait for association messages",
     "ingest.dimse_timeout": "seconds to wait for DIMSE messages",
     "ingest.network_timeout": "seconds of network silence before the association is dropped",
@@ -381,7 +380,8 @@ def configuration() -> str:
             rows.append((f"`{prefix}{name}`", default.replace("|", "\\|"),
                          meaning.replace("|", "\\|")))
 
-    add(NodeConfig, "", ("ae_title", "bind_address", "port", "allowed_callers", "destinations"))
+    add(NodeConfig, "", ("ae_title", "bind_address", "port", "allowed_callers",
+                         "accept_any_caller", "destinations"))
     add(IngestConfig, "ingest.")
     add(TlsConfig, "ingest.tls.")
     add(HttpConfig, "http.", ("enabled", "bind_address", "port", "tokens", "metrics_tokens",

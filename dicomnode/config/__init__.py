@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dicomnode.config.base import SENDER, AETitle, Model, Port
 from dicomnode.config.http import HttpConfig, HttpToken
+from dicomnode.config.ingest import IngestConfig, TlsConfig
 from dicomnode.config.routing import DEFAULT_ROUTING, Rule, SeriesMatch
 from dicomnode.config.sections import (
     DEIDENTIFY_PROFILES,
@@ -33,9 +34,7 @@ from dicomnode.config.sections import (
     DestinationTls,
     ExportConfig,
     InferenceConfig,
-    IngestConfig,
     RetentionConfig,
-    TlsConfig,
 )
 from dicomnode.config.workers import QueueConfig, WorkerConfig
 from dicomnode.errors import ConfigError
@@ -51,11 +50,20 @@ class NodeConfig(Model):
     """The whole service configuration."""
 
     ae_title: AETitle = "DICOMNODE"
-    bind_address: str = Field(default="0.0.0.0", description="address the SCP listens on")
+    bind_address: str = Field(
+        default="127.0.0.1",
+        description="address the DIMSE port listens on: loopback by default; a network"
+        " address (or 0.0.0.0) needs allowed_callers, or accept_any_caller: true",
+    )
     port: Port = 11112
     storage: Path = Field(default=Path("dicomnode-data"), description="spool and index folder")
     allowed_callers: tuple[AllowedCaller, ...] = Field(
         default=(), description="when non-empty, only these calling AE titles may associate"
+    )
+    accept_any_caller: bool = Field(
+        default=False,
+        description="accept any calling AE title on a network bind_address with no"
+        " allowed_callers: only where a firewall already admits nothing but your senders",
     )
     completion: CompletionConfig = CompletionConfig()
     ingest: IngestConfig = IngestConfig()
@@ -83,6 +91,24 @@ class NodeConfig(Model):
         except ValueError:
             raise ValueError(f"{value!r} is not an IP address") from None
         return value
+
+    @model_validator(mode="after")
+    def _door_not_open_to_all(self) -> NodeConfig:
+        # Refused, not warned: whatever arrives is routed to models and the results are
+        # sent on to the PACS, so an open door lets anyone on the network inject studies.
+        if (not ipaddress.ip_address(self.bind_address).is_loopback
+                and not self.allowed_callers and not self.accept_any_caller):
+            raise ValueError(
+                f"allowed_callers: must list the peers that may send when bind_address"
+                f" ({self.bind_address}) is reachable from the network; or set"
+                " accept_any_caller: true to accept any calling AE title")
+        return self
+
+    @property
+    def open_to_any_caller(self) -> bool:
+        """Any calling AE title may store from the network (accept_any_caller)."""
+        return (not ipaddress.ip_address(self.bind_address).is_loopback
+                and not self.allowed_callers)
 
     @model_validator(mode="after")
     def _unique_names(self) -> NodeConfig:

@@ -74,32 +74,6 @@ class CompletionConfig(Model):
     )
 
 
-class TlsConfig(Model):
-    """DICOM TLS on the receiving side (PS3.15 B.1, BCP 195: TLS 1.2 or later).
-
-    Without ``port`` the main port speaks only TLS; with it, the main port stays plain
-    and a second server on ``port`` speaks TLS.
-    """
-
-    certfile: str = Field(description="the node's certificate chain (PEM)")
-    keyfile: str = Field(description="the private key of certfile (PEM, unencrypted)")
-    ca_file: str | None = Field(
-        default=None, description="CA certificates (PEM) that client certificates must chain to"
-    )
-    require_client_cert: bool = Field(
-        default=False, description="refuse a TLS client that presents no valid certificate"
-    )
-    port: Port | None = Field(
-        default=None, description="a separate TLS port; when absent the main port is TLS-only"
-    )
-
-    @model_validator(mode="after")
-    def _ca_for_clients(self) -> TlsConfig:
-        if self.require_client_cert and not self.ca_file:
-            raise ValueError("require_client_cert needs ca_file (the CA of the client certificates)")
-        return self
-
-
 class DestinationTls(Model):
     """DICOM TLS towards a destination (the node is the TLS client)."""
 
@@ -118,46 +92,6 @@ class DestinationTls(Model):
     def _pair(self) -> DestinationTls:
         if (self.certfile is None) != (self.keyfile is None):
             raise ValueError("certfile and keyfile go together")
-        return self
-
-
-class IngestConfig(Model):
-    """The DIMSE receiver's tuning."""
-
-    processes: int = Field(
-        default=1,
-        ge=1,
-        le=32,
-        description="receiving processes sharing the port; more spread associations over cores",
-    )
-    max_pdu_size: int = Field(
-        default=0,
-        ge=0,
-        description="largest P-DATA PDU accepted, bytes; 0 for unlimited",
-    )
-    acse_timeout: float = Field(default=30.0, gt=0)
-    dimse_timeout: float = Field(default=60.0, gt=0)
-    network_timeout: float = Field(default=60.0, gt=0)
-    max_associations: int = Field(default=32, ge=1, le=1024)
-    max_associations_per_caller: int | None = Field(
-        default=None,
-        ge=1,
-        le=1024,
-        description="open associations one calling AE title may hold at once; more are"
-        " rejected (A-ASSOCIATE-RJ transient, local limit exceeded)",
-    )
-    max_instance_bytes: int | None = Field(
-        default=None,
-        ge=1,
-        description="largest C-STORE dataset accepted, bytes; larger ones get 0xA700"
-        " (pynetdicom buffers the whole dataset in memory before the node sees it)",
-    )
-    tls: TlsConfig | None = Field(default=None, description="DICOM TLS (PS3.15 B.1)")
-
-    @model_validator(mode="after")
-    def _tls_port(self) -> IngestConfig:
-        if self.tls is not None and self.tls.port is not None and self.processes > 1:
-            raise ValueError("a separate ingest.tls.port needs ingest.processes: 1")
         return self
 
 

@@ -60,8 +60,8 @@ from dicomnode.core.status import Status, status_for
 from dicomnode.core.uids import check_uid
 from dicomnode.errors import InvalidInstanceError, InvalidUIDError, StorageError
 from dicomnode.ingest.diskguard import DiskGuard
-from dicomnode.ingest.duplicates import same_content
-from dicomnode.ingest.header import HeaderInfo, encode_file_meta, read_header
+from dicomnode.ingest.duplicates import dataset_offset, same_content
+from dicomnode.ingest.header import HeaderInfo, read_header
 from dicomnode.ingest.spool import Spool
 from dicomnode.ingest.transfers import RECORD_EVERY, RECORD_SECONDS, StudyTally, TransferLedger
 
@@ -101,10 +101,12 @@ ANSWERS: dict[Status, str] = {
 class Arrival:
     """An instance at a door, as the door was told about it, before anything is kept.
 
-    Exactly one of ``dataset`` (the encoded data set, without file meta: C-STORE) and
-    ``file`` (a complete Part 10 file in the spool's ``tmp/`` folder, with
-    ``dataset_offset`` where its data set starts: STOW-RS) is given; ``header_bytes``
-    is what the header is read from (the start of the data set).
+    ``file`` is a complete Part 10 file in the spool's ``tmp/`` folder, adopted by
+    rename when the instance is kept (never copied): a STOW-RS part as received, or a
+    C-STORE data set streamed to disk behind its file meta as its P-DATA fragments
+    arrived (:mod:`dicomnode.ingest.streaming`). ``header_bytes`` is what the header is
+    read from (the start of the data set); ``size`` is what the size limit is checked
+    against (the data set, or the part).
     """
 
     sop_class_uid: str
@@ -112,10 +114,8 @@ class Arrival:
     transfer_syntax: str
     size: int
     header_bytes: bytes | memoryview
-    dataset: memoryview | None = None
-    file: Path | None = None
+    file: Path
     study_uid: str | None = None  # the study the request names, if any
-    dataset_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +252,7 @@ class AdmissionSession:
         if held:
             return self._duplicate(a, held[0].path, sop_class, sop_uid, header)
         try:
-            if a.file is not None:
-                size = adm.spool.adopt(a.file, target)
-            else:
-                assert a.dataset is not None
-                meta = encode_file_meta(sop_class, sop_uid, a.transfer_syntax,
-                                        IMPLEMENTATION_CLASS_UID, adm.implementation_version,
-                                        self.calling_ae)
-                size = adm.spool.store(target, (meta, a.dataset))
+            size = adm.spool.adopt(a.file, target)
             adm.index.add_instance(InstanceRecord(
                 sop_instance_uid=sop_uid, sop_class_uid=sop_class,
                 study_uid=header.study_uid, series_uid=header.series_uid,
@@ -283,8 +276,8 @@ class AdmissionSession:
         """The SOP Instance UID is held already: Success when it is the same content,
         0x0111 when it is not (see the module's docstring)."""
         adm = self.admission
-        if same_content(adm.spool.root / held_path, a.transfer_syntax, a.dataset, a.file,
-                        a.dataset_offset):
+        if same_content(adm.spool.root / held_path, a.transfer_syntax, file=a.file,
+                        offset=dataset_offset(a.file)[1]):
             LOG.debug("duplicate SOP instance %s: already stored", sop_uid)
             return Outcome(Status.SUCCESS, sop_class, sop_uid, header, duplicate=True)
         LOG.warning("refused SOP instance %s from %s: an instance with this UID and other"

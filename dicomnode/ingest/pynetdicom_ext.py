@@ -24,10 +24,15 @@ idle timeout, ARTIM) and their order are pynetdicom's own; timers are still noti
 within ``IDLE_POLL_S``.
 
 **Policy at association time.** :class:`NodeACSE` enforces the config's allowlist
-(AE title + source address) and the per-caller association limit;
-:class:`NodeRequestHandler` does TLS handshakes in the connection's thread and
-attaches the policy; :class:`NodeAssociationServer` can adopt a listening socket so
-that several receiving processes share one port.
+(AE title + source address), the per-caller limit and the association slots, counted
+only once a request has arrived; :class:`NodeRequestHandler` does TLS handshakes in the
+connection's thread and attaches the policy; :class:`NodeAssociationServer` can adopt a
+listening socket so that several receiving processes share one port, and keeps
+connections that send no A-ASSOCIATE-RQ in check (:mod:`dicomnode.ingest.pending`).
+
+**Bounded memory.** PDUs are length-checked before they are read and C-STORE data sets
+stream to the spool as they arrive (:mod:`dicomnode.ingest.pynetdicom_dimse`, whose
+private names are pinned in this module's :data:`OVERRIDES` too).
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from dicomnode.ingest.pending import PendingConnections, take_slot
+from dicomnode.ingest.pynetdicom_dimse import (
+    SinkFactory,
+    StreamingDIMSE,
+    discard_streamed,
+    read_pdu_data,
+)
 
 if TYPE_CHECKING:
     from dicomnode.config import NodeConfig
@@ -97,6 +110,28 @@ OVERRIDES: tuple[tuple[str, str, str | None], ...] = (
     ("pynetdicom.transport", "AssociationServer._handlers", None),
     ("pynetdicom", "_config.UNRESTRICTED_STORAGE_SERVICE", None),
     ("pynetdicom", "_config.LOG_HANDLER_LEVEL", None),
+    # bounded PDU reads and C-STORE data sets streamed to the spool (pynetdicom_dimse.py)
+    ("pynetdicom.dul", "DULServiceProvider._read_pdu_data", "(self) -> None"),
+    ("pynetdicom.dul", "DULServiceProvider._decode_pdu",
+     "(self, bytestream: bytearray) -> tuple['A_ASSOCIATE_RQ | A_ASSOCIATE_AC |"
+     " A_ASSOCIATE_RJ | P_DATA_TF | A_RELEASE_RQ | A_RELEASE_RP | A_ABORT_RQ', str]"),
+    ("pynetdicom.dul", "DULServiceProvider._recv_pdu", None),
+    ("pynetdicom.dimse", "DIMSEServiceProvider.receive_primitive",
+     "(self, primitive: 'P_DATA') -> None"),
+    ("pynetdicom.dimse", "DIMSEServiceProvider.message", None),
+    ("pynetdicom.dimse", "DIMSEServiceProvider.cancel_req", None),
+    ("pynetdicom.dimse_messages", "_MESSAGE_TYPES", None),
+    ("pynetdicom.association", "Association._accepted_cx", None),
+    ("pynetdicom.dimse_messages", "DIMSEMessage.encoded_command_set", None),
+    ("pynetdicom.dimse_messages", "DIMSEMessage.data_set", None),
+    ("pynetdicom.dimse_messages", "DIMSEMessage.message_to_primitive",
+     "(self) -> 'C_CANCEL | DimseServiceType'"),
+    # connections without an A-ASSOCIATE-RQ: deadline, pending caps, slots (pending.py)
+    ("pynetdicom.association", "Association.run_reactor", "(self) -> None"),
+    ("pynetdicom.transport", "ThreadedAssociationServer.process_request",
+     "(self, request, client_address)"),
+    ("pynetdicom.transport", "AssociationServer.service_actions", "(self) -> None"),
+    ("pynetdicom.transport", "AssociationServer.server_close", "(self) -> None"),
 )
 
 #: Longest sleep without a wake-up: bounds how late ARTIM / idle timeouts and a
@@ -129,6 +164,7 @@ class FastDUL(DULServiceProvider):
         super().__init__(assoc)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.to_provider_queue = _SignallingQueue(self._wake)
+        self._rq_seen = False
 
     def _wake(self) -> None:
         try:
@@ -228,6 +264,19 @@ class FastDUL(DULServiceProvider):
 
             self.state_machine.do_action(event)
             idle = False
+            if event == "Evt6":
+                self._rq_seen = True
+            elif (self.state_machine.current_state == "Sta1" and not self._rq_seen
+                  and self.assoc.is_acceptor):
+                # closed (or ARTIM expired) before any A-ASSOCIATE-RQ: wake the
+                # association, which waits for the request, so that it ends now
+                self._rq_seen = True
+                self.to_user_queue.put(None)  # type: ignore[arg-type]
+
+    def _read_pdu_data(self) -> None:
+        """Bounded: a PDU longer than we accept is refused before it is read
+        (:func:`dicomnode.ingest.pynetdicom_dimse.read_pdu_data`)."""
+        read_pdu_data(self, int(self.assoc.acceptor.maximum_length or 0))
 
 
 class FastAssociationSocket(AssociationSocket):
@@ -265,6 +314,7 @@ class FastAssociation(Association):
         # base __init__ pushed into the old DUL's timers.
         self.dul = FastDUL(self)
         self.dul.to_user_queue = _SignallingQueue(self._wake.set)
+        self.dimse = StreamingDIMSE(self)
         self.dimse.msg_queue = _SignallingQueue(self._wake.set)
         self.acse_timeout = self.ae.acse_timeout
         self.network_timeout = self.ae.network_timeout
@@ -274,6 +324,15 @@ class FastAssociation(Association):
         super().kill()
 
     def _run_reactor(self) -> None:
+        try:
+            self._run_reactor_loop()
+        finally:
+            # data sets still arriving or queued but never served are not kept
+            dimse = self.dimse
+            if isinstance(dimse, StreamingDIMSE):
+                dimse.close()
+
+    def _run_reactor_loop(self) -> None:
         self._is_paused = False
         while not self._kill:
             # Idle wait happens *inside* the paused section, so a thread that
@@ -291,7 +350,10 @@ class FastAssociation(Association):
             # stock loop does one message per 1 ms iteration.
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, context_id)  # type: ignore[arg-type]
+                try:
+                    self._serve_request(msg, context_id)  # type: ignore[arg-type]
+                finally:
+                    discard_streamed(msg)  # a no-op once the spool adopted it
                 self._wake.set()  # more may be queued; loop without waiting
                 continue
 
@@ -322,6 +384,8 @@ class FastAssociation(Association):
 
             if self.dul.idle_timer_expired():
                 LOG.error("Network timeout reached")
+                if isinstance(self.dimse, StreamingDIMSE):
+                    self.dimse.close()  # before the peer hears of it
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()
@@ -371,15 +435,18 @@ class FastRequestHandler(RequestHandler):
 
 
 class NodeACSE(ACSE):
-    """ACSE that also enforces the config's allowlist of callers (AE title + host)
-    and the per-caller association limit.
+    """ACSE that enforces the config's allowlist of callers (AE title + host), the
+    per-caller association limit and the association slots.
 
     pynetdicom's own check knows only AE titles; ours adds the source address. A
     refused peer gets A-ASSOCIATE-RJ, permanent, service-user, "calling AE title not
     recognized" (PS3.8 9.3.4). A caller already holding
-    ``ingest.max_associations_per_caller`` associations gets A-ASSOCIATE-RJ,
-    transient, service-provider (presentation), "local limit exceeded" (2, 3, 2) —
-    the same answer pynetdicom gives when ``max_associations`` is reached.
+    ``ingest.max_associations_per_caller`` associations, or any caller when
+    ``ingest.max_associations`` are open, gets A-ASSOCIATE-RJ, transient,
+    service-provider (presentation), "local limit exceeded" (2, 3, 2). Slots are
+    counted here, when the A-ASSOCIATE-RQ has arrived, and only for associations that
+    got this far: a connection that never sends its request holds none (pynetdicom
+    counts every connection; the StoreSCP sets the AE's own limit out of reach).
     """
 
     def _reject(self, result: int, source: int, diagnostic: int, reason: str) -> None:
@@ -388,22 +455,19 @@ class NodeACSE(ACSE):
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
 
-    def _open_from(self, calling: str) -> int:
-        """Other acceptor associations (on any of the AE's servers) from ``calling``."""
-        n = 0
-        for other in self.assoc.ae.active_associations:
-            if other is self.assoc or not other.is_acceptor:
-                continue
-            if other.is_released or other.is_aborted or other.is_rejected:
-                continue
-            if other.requestor.ae_title.strip() == calling:
-                n += 1
-        return n
-
     def _negotiate_as_acceptor(self) -> None:
-        policy: NodeConfig | None = getattr(self.assoc, "node_config", None)
+        assoc = self.assoc
+        pending: PendingConnections | None = getattr(assoc._server, "pending", None)
+        if pending is not None:
+            pending.done(getattr(assoc.dul.socket, "socket", None))
+        # the request is in: from now on the configured ACSE timeout applies
+        # (NodeRequestHandler shortened it, and ARTIM with it, to the request deadline)
+        configured = getattr(assoc, "dicomnode_acse_timeout", None)
+        if configured is not None:
+            assoc.acse_timeout = configured
+        policy: NodeConfig | None = getattr(assoc, "node_config", None)
         calling = self.requestor.primitive.calling_ae_title.strip()  # type: ignore[union-attr]
-        address = self.assoc.requestor.address
+        address = assoc.requestor.address
         if policy is not None and policy.allowed_callers:
             if not policy.caller_allowed(calling, address):
                 LOG.warning(
@@ -413,33 +477,33 @@ class NodeACSE(ACSE):
                 )
                 self._reject(0x01, 0x01, 0x03, "calling AE title or address not allowed")
                 return
-        limit = policy.ingest.max_associations_per_caller if policy is not None else None
-        if limit is not None and self._open_from(calling) >= limit:
-            LOG.warning(
-                "rejecting association from %s at %s: it already holds %d (the limit)",
-                calling,
-                address,
-                limit,
-            )
-            self._reject(0x02, 0x03, 0x02, "too many associations from this calling AE title")
-            return
+        if policy is not None:
+            refused = take_slot(assoc, calling, policy.ingest.max_associations,
+                                policy.ingest.max_associations_per_caller)
+            if refused:
+                LOG.warning("rejecting association from %s at %s: %s", calling, address,
+                            refused)
+                self._reject(0x02, 0x03, 0x02, f"local limit exceeded: {refused}")
+                return
         super()._negotiate_as_acceptor()
 
 
 class NodeRequestHandler(FastRequestHandler):
-    """Creates event-driven associations that carry the node's policy and use NodeACSE."""
+    """Creates event-driven associations that carry the node's policy, use NodeACSE and
+    stream C-STORE data sets to the server's ``dataset_sink_factory``."""
 
     def handle(self) -> None:
         """Finish the TLS handshake (if any) in this connection's own thread, then run
         the association. A peer that fails the handshake (plain DICOM on a TLS port, no
-        or an untrusted client certificate) or stalls in it longer than the ACSE timeout
-        is logged and disconnected; the server goes on."""
+        or an untrusted client certificate) or stalls in it longer than the request
+        deadline (``ingest.associate_rq_timeout``) is logged and disconnected; the
+        server goes on."""
         sock = self.request
         if isinstance(sock, ssl.SSLSocket):
+            ic = self.server.node_config.ingest  # type: ignore[attr-defined]
             try:
-                sock.settimeout(self.server.ae.acse_timeout)
+                sock.settimeout(ic.associate_rq_timeout)
                 sock.do_handshake()
-                sock.settimeout(None)
             except (OSError, ValueError) as exc:  # ssl.SSLError and socket.timeout are OSError
                 LOG.warning("TLS handshake with %s failed: %s", self.client_address, exc)
                 try:
@@ -452,20 +516,32 @@ class NodeRequestHandler(FastRequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        assoc.node_config = self.server.node_config  # type: ignore[attr-defined]
+        config: NodeConfig = self.server.node_config  # type: ignore[attr-defined]
+        assoc.node_config = config  # type: ignore[attr-defined]
         assoc.acse = NodeACSE(assoc)
-        sock = assoc.dul.socket
-        raw = getattr(sock, "socket", None)
+        assert isinstance(assoc.dimse, StreamingDIMSE)
+        assoc.dimse.sink_factory = getattr(self.server, "dataset_sink_factory", None)
+        # Until the A-ASSOCIATE-RQ is in, the ACSE timeout (and so ARTIM, PS3.8 9.1.5,
+        # and the association's wait for the request) is the short request deadline;
+        # NodeACSE restores the configured one.
+        assoc.dicomnode_acse_timeout = assoc.acse_timeout  # type: ignore[attr-defined]
+        assoc.acse_timeout = config.ingest.associate_rq_timeout
+        raw = getattr(assoc.dul.socket, "socket", None)
         if raw is not None:
             try:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # a peer that stops in the middle of a PDU is dropped after the network
+                # timeout instead of holding its thread (and slot) forever
+                raw.settimeout(config.ingest.network_timeout)
             except OSError:
                 pass
         return assoc
 
 
 class NodeAssociationServer(ThreadedAssociationServer):
-    """A threaded association server that can adopt an already listening socket.
+    """A threaded association server that can adopt an already listening socket and
+    keeps connections that have not sent their A-ASSOCIATE-RQ in check
+    (:class:`~dicomnode.ingest.pending.PendingConnections`).
 
     Several receiving processes can then share one port: the parent creates and
     binds the socket, each child adopts it.
@@ -473,9 +549,18 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     node_config: NodeConfig
     adopted_socket: socket.socket | None = None
+    #: listen backlog (socketserver's is 5: a burst of connections, idle ones included,
+    #: would make the kernel drop a sender's SYN, costing it a 1 s retransmission)
+    request_queue_size = 128
+    #: makes the sink each C-STORE data set is streamed to (None: kept in memory)
+    dataset_sink_factory: SinkFactory | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", NodeRequestHandler)
+        ic = self.node_config.ingest
+        self.pending = PendingConnections(deadline=ic.associate_rq_timeout,
+                                          per_address=ic.max_pending_per_address,
+                                          total=ic.max_pending_connections)
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -507,3 +592,20 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 client.close()
                 raise
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Register the connection as pending (closing it, or an older idle one, over
+        the caps), then serve it in its own thread."""
+        if not self.pending.add(request, str(client_address[0])):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        """Every poll interval of the accept loop: close connections past the deadline."""
+        super().service_actions()
+        self.pending.reap()
+
+    def server_close(self) -> None:
+        self.pending.close_all()
+        super().server_close()

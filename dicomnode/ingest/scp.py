@@ -2,10 +2,12 @@
 
 Every storage SOP class and every transfer syntax the peer proposes is accepted
 (the first proposed transfer syntax of each context, so that instances are stored
-exactly as the sender encoded them). The C-STORE handler never decodes pixel
-data: it reads the few attributes it needs from the header, writes the received
-bytes durably through the spool, commits the index row, and only then answers
-Success. Errors become a DIMSE status here and nowhere else.
+exactly as the sender encoded them). The data set reaches the disk as its P-DATA
+fragments arrive (:mod:`dicomnode.ingest.streaming`), never whole in memory. The
+C-STORE handler never decodes pixel data: it reads the few attributes it needs from the
+start of that file, has the spool adopt it durably (fdatasync, rename), commits the
+index row, and only then answers Success. Errors become a DIMSE status here and
+nowhere else.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from dicomnode.ingest.admission import (
     Outcome,
     implementation_version_name,
 )
+from dicomnode.ingest.header import encode_file_meta
+from dicomnode.ingest.pynetdicom_dimse import SinkFactory
 from dicomnode.ingest.pynetdicom_ext import NodeAssociationServer
 from dicomnode.ingest.spool import Spool
+from dicomnode.ingest.streaming import DatasetStream, StreamedDataset
 
 LOG = logging.getLogger(__name__)
 
 IMPLEMENTATION_VERSION_NAME = implementation_version_name()
+_NO_AE_LIMIT = 1 << 20
 
 
 class StoreSCP:
@@ -86,7 +92,9 @@ class StoreSCP:
         ae.acse_timeout = ic.acse_timeout
         ae.dimse_timeout = ic.dimse_timeout
         ae.network_timeout = ic.network_timeout
-        ae.maximum_associations = ic.max_associations
+        # NodeACSE counts ingest.max_associations itself, over negotiated associations
+        # only; pynetdicom's own count includes connections still silent
+        ae.maximum_associations = _NO_AE_LIMIT
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
         return ae
@@ -119,6 +127,9 @@ class StoreSCP:
             tls_host, tls_port = tls_server.server_address[:2]
             self.tls_address = (str(tls_host), int(tls_port))
         host, port = main.server_address[:2]
+        if cfg.open_to_any_caller:
+            LOG.warning("accept_any_caller: any calling AE title that reaches %s:%s may"
+                        " store instances (list them in allowed_callers)", host, port)
         return str(host), int(port)
 
     def _serve(
@@ -132,9 +143,12 @@ class StoreSCP:
         """Start one association server (accepting in a daemon thread)."""
         cfg = self.config
 
+        sink_factory: SinkFactory = self._dataset_sink
+
         class _Server(NodeAssociationServer):
             node_config = cfg
             adopted_socket = sock
+            dataset_sink_factory = staticmethod(sink_factory)
 
         server = ae.make_server(address, evt_handlers=handlers, server_class=_Server,
                                 ssl_context=context)
@@ -268,22 +282,57 @@ class StoreSCP:
             assoc.dicomnode_session = session  # type: ignore[attr-defined]
         return session
 
+    def _dataset_sink(self, assoc: Association, context_id: int, command_set: Dataset
+                      ) -> DatasetStream:
+        """Where a C-STORE-RQ's data set is written as it arrives: a temp file in the
+        spool, its File Meta Information (PS3.10 7.1) first, from the command set and the
+        presentation context (see :mod:`dicomnode.ingest.streaming`)."""
+        cx = assoc._accepted_cx.get(context_id)
+        ts = str(cx.transfer_syntax[0]) if cx is not None and cx.transfer_syntax else ""
+        meta = encode_file_meta(
+            _uid_text(command_set.get("AffectedSOPClassUID")),
+            _uid_text(command_set.get("AffectedSOPInstanceUID")), ts,
+            IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME,
+            assoc.requestor.ae_title.strip())
+        return DatasetStream(self.spool, meta, limit=self.config.ingest.max_instance_bytes,
+                             disk_guard=self.admission.disk_guard)
+
     def _store(self, event: evt.Event) -> int | Dataset:
         """C-STORE (PS3.4 B.2): admit the received data set; its status is the answer.
 
-        pynetdicom has already buffered every P-DATA fragment of the data set in memory
-        when it calls the handler (the DIMSE layer hands over complete messages only);
-        the data set is written from that buffer without a copy."""
+        The data set was written to a temp file in the spool as its P-DATA fragments
+        arrived (:mod:`dicomnode.ingest.pynetdicom_dimse`); the admission adopts that
+        file by rename, or it is removed here."""
         req = event.request
         assert isinstance(req, C_STORE)
-        data = req.DataSet.getbuffer() if req.DataSet is not None else memoryview(b"")
-        outcome = self._session(event.assoc).admit(Arrival(
-            sop_class_uid=str(req.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-            transfer_syntax=str(event.context.transfer_syntax),
-            size=data.nbytes, header_bytes=data, dataset=data,
-        ))
-        return _response(outcome)
+        streamed: StreamedDataset | None = getattr(req, "dicomnode_streamed", None)
+        calling = event.assoc.requestor.ae_title.strip()
+        if streamed is None:  # Command Data Set Type 0x0101: no data set (PS3.7 E.1)
+            LOG.warning("refused a C-STORE-RQ without a data set from %s", calling)
+            return Status.CANNOT_UNDERSTAND
+        try:
+            if streamed.path is None:
+                LOG.warning("refused an instance of %d bytes from %s: %s", streamed.size,
+                            calling, streamed.refused)
+                return int(Status.OUT_OF_RESOURCES)
+            with streamed.header() as head:
+                outcome = self._session(event.assoc).admit(Arrival(
+                    sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                    sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                    transfer_syntax=str(event.context.transfer_syntax),
+                    size=streamed.size, header_bytes=head, file=streamed.path,
+                ))
+            if outcome.stored and not outcome.duplicate:
+                streamed.adopted()
+            return _response(outcome)
+        finally:
+            streamed.discard()  # a no-op once the spool adopted the file
+
+
+def _uid_text(value: object) -> str:
+    """A command set UID as text for the file meta; the admission checks it later."""
+    text = str(value or "").rstrip("\x00 ")
+    return text.encode("ascii", errors="replace").decode("ascii")
 
 
 def _response(outcome: Outcome) -> int | Dataset:

@@ -105,6 +105,12 @@ class Spool:
             raise StorageError(f"cannot write instance: {reason}") from exc
         return size
 
+    def open_tmp(self, prefix: str) -> tuple[int, Path]:
+        """A new, empty file in ``tmp/`` for writing: ``(fd, path)``; the caller closes
+        it and either adopts it (:meth:`adopt`) or removes it. Raises OSError."""
+        path = self.tmp / f"{prefix}.{secrets.token_hex(6)}.part"
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640), path
+
     def store(self, target: Path, parts: Sequence[bytes | memoryview]) -> int:
         """Write ``parts`` to ``target`` durably and atomically; return the size.
 

@@ -187,7 +187,7 @@ class StowRs:
             sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
             transfer_syntax=str(meta.get("TransferSyntaxUID", "") or ""),
             size=part.size, header_bytes=memoryview(head)[offset:], file=part.path,
-            study_uid=study_param, dataset_offset=offset,
+            study_uid=study_param,
         ))
         where = None
         if outcome.header is not None:
