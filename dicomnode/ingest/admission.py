@@ -214,6 +214,17 @@ class AdmissionSession:
                                    outcome.sop_instance_uid, header, reason=str(exc))
         return outcome
 
+    def refused_unstored(self, head: bytes | memoryview, transfer_syntax: str,
+                         reason: str) -> None:
+        """A data set the door refused before it could be kept (out of space, over the
+        size limit): counted as a failed transfer of its study, read from its first bytes
+        where they hold a header, so that the refusal is audited."""
+        try:
+            header = read_header(head, transfer_syntax)
+        except Exception:  # nothing to name it by: the refusal is logged by the door
+            return
+        self.ledger.failed(header.study_uid, header.patient_id, header.patient_name)
+
     def _admit(self, a: Arrival) -> Outcome:
         adm = self.admission
         cfg = adm.config

@@ -314,6 +314,8 @@ class StoreSCP:
             if streamed.path is None:
                 LOG.warning("refused an instance of %d bytes from %s: %s", streamed.size,
                             calling, streamed.refused)
+                self._session(event.assoc).refused_unstored(
+                    streamed.head, str(event.context.transfer_syntax), streamed.refused or "")
                 return int(Status.OUT_OF_RESOURCES)
             with streamed.header() as head:
                 outcome = self._session(event.assoc).admit(Arrival(

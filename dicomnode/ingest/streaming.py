@@ -38,6 +38,8 @@ LOG = logging.getLogger(__name__)
 
 #: Bytes gathered before a write(): one write per MiB instead of one per fragment.
 WRITE_BUFFER = 1 << 20
+#: data set bytes kept in memory whatever becomes of the data set (its header, for audit)
+HEAD_KEPT = 64 << 10
 #: How much of the data set the header scan may look at (as for STOW-RS parts).
 HEADER_WINDOW = 8 << 20
 
@@ -49,15 +51,19 @@ class StreamedDataset:
     file's bytes, when it was written in one piece (a data set under
     :data:`WRITE_BUFFER`): the header is then read from them, not from the file."""
 
-    __slots__ = ("path", "size", "meta_length", "refused", "whole")
+    __slots__ = ("path", "size", "meta_length", "refused", "whole", "head")
 
     def __init__(self, path: Path | None, size: int, meta_length: int,
-                 refused: str | None, whole: bytearray | None = None) -> None:
+                 refused: str | None, whole: bytearray | None = None,
+                 head: bytes = b"") -> None:
         self.path = path
         self.size = size
         self.meta_length = meta_length
         self.refused = refused
         self.whole = whole
+        #: the first bytes of the data set, kept even when it was refused (so that the
+        #: refusal can be audited under its study)
+        self.head = head
 
     def adopted(self) -> None:
         """The spool adopted the file (renamed it into place): nothing to discard."""
@@ -120,6 +126,7 @@ class DatasetStream:
         self._path: Path | None = None
         self._written = False  # a write() has happened: the file is in pieces
         self._buf = bytearray(meta)
+        self._head = bytearray()  # the first HEAD_KEPT bytes of the data set
         self._lock = threading.Lock()
         if disk_guard is not None:
             ok, why = disk_guard.check()
@@ -135,6 +142,8 @@ class DatasetStream:
         """One data set fragment (its bytes are copied before this returns)."""
         with self._lock:
             self.size += len(data)
+            if len(self._head) < HEAD_KEPT:
+                self._head += data[:HEAD_KEPT - len(self._head)]
             if self._fd < 0:
                 return  # refused: count only
             if self._limit is not None and self.size > self._limit:
@@ -207,7 +216,8 @@ class DatasetStream:
                     self._refuse(_io_reason(exc))
             path, self._path = self._path, None
             if self.refused is not None:
-                return StreamedDataset(None, self.size, self._meta_length, self.refused)
+                return StreamedDataset(None, self.size, self._meta_length, self.refused,
+                                       head=bytes(self._head))
             return StreamedDataset(path, self.size, self._meta_length, None, whole)
 
     def discard(self) -> None:
