@@ -251,3 +251,27 @@ def test_config_selects_the_back_end_and_says_what_is_missing() -> None:
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
     app.close()
+
+
+def test_a_hand_back_counts_at_once_and_a_late_heartbeat_does_not_undo_it(
+        tmp_path: Path) -> None:
+    registry = WorkerRegistry(tmp_path / "jobs.sqlite3")
+    beat = {"owner": "gpu1:x", "host": "h", "address": "10.0.0.7", "models": ["lung"],
+            "device": "cpu", "version": "0.1", "interval": 5.0}
+    try:
+        registry.beat(name="gpu1", state="busy", job_id=1, started_at=100.0, jobs_done=0,
+                      **beat)
+        registry.handed_back("gpu1")
+        assert registry.list()[0].jobs_done == 1
+        # a heartbeat sent before the worker counted it says 0: the node keeps 1
+        assert registry.beat(name="gpu1", state="busy", job_id=1, started_at=100.0,
+                             jobs_done=0, **beat).jobs_done == 1
+        assert registry.beat(name="gpu1", state="idle", job_id=None, started_at=100.0,
+                             jobs_done=1, **beat).jobs_done == 1
+        # a restarted worker starts counting again
+        assert registry.beat(name="gpu1", state="idle", job_id=None, started_at=200.0,
+                             jobs_done=0, **beat).jobs_done == 0
+        registry.handed_back("nobody")  # an unknown name changes nothing
+        assert [w.name for w in registry.list()] == ["gpu1"]
+    finally:
+        registry.close()

@@ -148,7 +148,9 @@ def test_a_worker_elsewhere_computes_seg_and_sr_and_without_one_nothing_runs(
     assert 'dicomnode_worker_jobs_done{worker="gpu-box-1"} 1.0' in metrics
     assert 'dicomnode_broker_messages{kind="routine",queue="dicomnode.air_threshold"} 0.0' \
         in metrics
-    queues = node.status()["queues"]
+    # the worker says it is idle again in its next heartbeat
+    queues = node.wait_for(lambda: (lambda q: q if q["workers"] and q["workers"][0]["state"]
+                                    == "idle" else None)(node.status()["queues"]), timeout=30)
     assert queues["models"]["air_threshold"]["done"] == 1
     assert queues["broker"]["up"] is True
     (w,) = queues["workers"]

@@ -470,7 +470,10 @@ class RemoteJobs:
                 held = ordered
             timings = f"result read in {read_seconds:.2f} s, checked and stored in" \
                 f" {time.perf_counter() - started:.2f} s"
-            return self._finish(job, owner, record, held, timings)
+            outcome = self._finish(job, owner, record, held, timings)
+            if outcome["state"] == "done":
+                self.registry.handed_back(worker)
+            return outcome
 
     def _finish(self, job: Job, owner: str, record: dict[str, Any],
                 labels: np.ndarray | None, timings: str = "") -> dict[str, Any]:

@@ -94,11 +94,22 @@ class WorkerRegistry:
                 " models=excluded.models, device=excluded.device, version=excluded.version,"
                 " state=excluded.state, job_id=excluded.job_id, interval=excluded.interval,"
                 " started_at=excluded.started_at, last_seen=excluded.last_seen,"
-                " jobs_done=excluded.jobs_done",
+                # the node counts a hand-back as it takes it (handed_back); a heartbeat
+                # sent before then must not take it away again, unless the worker restarted
+                " jobs_done=CASE WHEN workers.started_at = excluded.started_at"
+                " THEN MAX(workers.jobs_done, excluded.jobs_done) ELSE excluded.jobs_done END",
                 (name, owner, host, address, json.dumps(sorted(models)), device, version, state,
                  job_id, float(interval), float(started_at), at, int(jobs_done)))
+        (done,) = self._db.conn().execute(
+            "SELECT jobs_done FROM workers WHERE name = ?", (name,)).fetchone()
         return WorkerInfo(name, owner, host, address, tuple(sorted(models)), device, version,
-                          state, job_id, float(interval), float(started_at), at, int(jobs_done))
+                          state, job_id, float(interval), float(started_at), at, int(done))
+
+    def handed_back(self, name: str) -> None:
+        """The node took a result from worker ``name``: count it now, without waiting for
+        the worker's next heartbeat (which reports the same count, or one less)."""
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE workers SET jobs_done = jobs_done + 1 WHERE name = ?", (name,))
 
     def list(self) -> list[WorkerInfo]:
         rows = self._db.conn().execute(
