@@ -407,16 +407,26 @@ def test_kill_9_in_the_middle_of_a_batch(tmp_path: Path, keyring: Keyring, cut: 
 
 # -- writing --------------------------------------------------------------------
 
-def test_group_commit_10k(tmp_path: Path, keyring: Keyring) -> None:
+def test_group_commit_10k(tmp_path: Path, keyring: Keyring,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 appends share their fsyncs (group commit): what makes an audited C-STORE
+    cheap, counted rather than timed (bench/audit.py times it)."""
+    fsyncs = [0]
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        fsyncs[0] += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
     folder = tmp_path / "audit"
     with AuditTrail(folder, keyring) as trail:
-        start = time.perf_counter()
         seqs = [trail.append(body(i)) for i in range(10_000)]
-        appended = time.perf_counter() - start
         trail.flush()
-        flushed = time.perf_counter() - start
         rows = list(read(folder, keyring))  # durable and readable before close
-    assert appended < 3.0 and flushed < 6.0, (appended, flushed)
+    # one fsync per batch (plus the folder's): batches of a 50 ms linger, however slow
+    # the machine, hold far more than one record each
+    assert 0 < fsyncs[0] < 1000, fsyncs[0]
     assert seqs == list(range(2, 10_002))
     assert [b["i"] for _, _, b in rows] == list(range(10_000))
     assert verify(folder, keyring.public_keys).ok

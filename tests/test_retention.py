@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,14 +446,6 @@ def test_disk_guard_caches_for_a_second(tmp_path: Path, monkeypatch: pytest.Monk
     t[0] += 1.5
     guard.check()
     assert calls[0] == 2
-
-
-def test_disk_guard_is_cheap(tmp_path: Path) -> None:
-    guard = DiskGuard(tmp_path, 0, 0.0)
-    start = time.perf_counter()
-    for _ in range(10000):
-        guard.check()
-    assert time.perf_counter() - start < 0.5
 
 
 @pytest.mark.parametrize("kwargs", [
