@@ -130,3 +130,20 @@ def test_a_prediction_that_breaks_the_contract_is_refused(models: Path, volume: 
         rogue.predict(volume)
     rogue.mode = "ok"
     assert rogue.predict(volume).labels.shape == volume.shape
+
+
+def test_stray_label_values_one_rule_for_every_check(models: Path) -> None:
+    """The one rule the runtime contract, the worker hand-back and the encoders use."""
+    manifest = load_manifest(models / "lung_density")  # labels 1 and 2
+    assert sorted(lab.value for lab in manifest.labels) == [1, 2]
+    labels = np.zeros((4, 8, 8), dtype=np.uint8)
+    assert manifest.stray_label_values(labels) == []
+    labels[0, 0, 0], labels[1, 1, 1] = 1, 2
+    assert manifest.stray_label_values(labels) == []
+    labels[2, 2, 2], labels[3, 3, 3] = 7, 255
+    assert manifest.stray_label_values(labels) == [7, 255]
+    assert manifest.stray_label_values(labels.astype(np.int64) - 1) == [-1, 6, 254]
+    assert manifest.stray_label_values(np.zeros((0, 8, 8), dtype=np.uint8)) == []
+    gaps = manifest.model_copy(update={"labels": (manifest.labels[1],)})  # only label 2
+    labels[2, 2, 2] = labels[3, 3, 3] = 0
+    assert gaps.stray_label_values(labels) == [1]

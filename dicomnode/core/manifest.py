@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -74,6 +75,25 @@ class Manifest(_Model):
         from dicomnode.core.phi import check_shareable
 
         return tuple(check_shareable(k) for k in value)
+
+    def stray_label_values(self, labels: np.ndarray) -> list[int]:
+        """The values in the label map ``labels`` that are neither 0 nor one of this
+        model's labels, sorted (empty: the map keeps the manifest).
+
+        The usual map (uint8, values 0..N, all labels) costs one ``max`` over the voxels;
+        only a map with gaps or strays is looked at voxel by voxel."""
+        allowed = {0} | {label.value for label in self.labels}
+        if labels.size == 0:
+            return []
+        if labels.dtype == np.uint8:
+            top = int(labels.max())
+            if set(range(top + 1)) <= allowed:
+                return []
+            lut = np.zeros(256, dtype=bool)
+            lut[sorted(v for v in allowed if v < 256)] = True
+            bad = ~lut[labels]
+            return sorted(int(v) for v in np.unique(labels[bad])) if bad.any() else []
+        return sorted(int(v) for v in np.unique(labels) if int(v) not in allowed)
 
 
 def load_manifest(model_dir: Path) -> Manifest:

@@ -301,8 +301,7 @@ def check_labels(inp: EncodeInput) -> np.ndarray:
     if labels.shape[0] != len(inp.source_paths):
         raise ValueError(f"labels: {labels.shape[0]} slices for {len(inp.source_paths)} "
                          "source_paths")
-    known = {lab.value for lab in inp.manifest.labels}
-    unknown = sorted(int(v) for v in np.unique(labels) if v != 0 and int(v) not in known)
+    unknown = inp.manifest.stray_label_values(labels)
     if unknown:
         raise ValueError(f"labels: values {unknown} are not labels of model "
                          f"{inp.manifest.name}")

@@ -65,11 +65,7 @@ def check_prediction(prediction: Prediction, volume: Volume, manifest: Manifest)
     if labels.shape != volume.shape:
         raise InvalidPredictionError(f"model {name}: labels have shape {labels.shape}, the"
                                      f" volume {volume.shape} (slice, row, column)")
-    allowed = np.zeros(256, dtype=bool)
-    allowed[0] = True
-    allowed[[label.value for label in manifest.labels]] = True
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-    stray = [int(v) for v in present if not allowed[v]]
+    stray = manifest.stray_label_values(labels)
     if stray:
         raise InvalidPredictionError(f"model {name}: label value(s) {stray} are not in its"
                                      " manifest")

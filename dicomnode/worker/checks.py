@@ -55,16 +55,11 @@ def check_labels(header: dict[str, Any], labels: np.ndarray, expected: Expected,
     position = {k: i for i, k in enumerate(keys)}
     order = [position[k] for k in expected.slice_keys]
     ordered = labels if order == list(range(len(order))) else labels[order]
-    allowed = {0} | {label.value for label in manifest.labels}
-    top = int(ordered.max()) if ordered.size else 0
-    if not set(range(top + 1)) <= allowed:  # the usual 0..N needs no pass over the voxels
-        lut = np.zeros(256, dtype=bool)
-        lut[sorted(allowed)] = True
-        bad = ~lut[ordered]
-        if bad.any():
-            present = set(np.unique(ordered[bad]).tolist())
-            raise wire.WireError(f"label values {sorted(present)} are not in the manifest"
-                                 f" (allowed: {sorted(allowed)})")
+    stray = manifest.stray_label_values(ordered)
+    if stray:
+        allowed = sorted({0} | {label.value for label in manifest.labels})
+        raise wire.WireError(f"label values {stray} are not in the manifest"
+                             f" (allowed: {allowed})")
     names = {label.name for label in manifest.labels} | {"total"}
     measurements = header.get("measurements")
     if not isinstance(measurements, dict):
