@@ -89,7 +89,13 @@ from dicomnode.encode.seg import (
     segment_number_of,
     tracking_uid,
 )
-from dicomnode.encode.sr_regions import Outline, outline, representative_slice, total_slice
+from dicomnode.encode.sr_regions import (
+    Outline,
+    most_voxels,
+    outline,
+    slice_counts,
+    total_from_counts,
+)
 from dicomnode.encode.validate import EncodingError
 
 logger = logging.getLogger(__name__)
@@ -264,15 +270,15 @@ class Drawings:
             return float(ps[0]), float(ps[1])
 
         by_label: dict[int, Outline] = {}
-        for value in values:
-            mask = labels == value
-            k = representative_slice(mask)
+        counts = slice_counts(labels, values)  # one pass over the voxels for every label
+        for value, per_slice in zip(values, counts, strict=True):
+            k = most_voxels(per_slice)
             if k is not None:
-                found = outline(mask[k], k, spacing(k))
+                found = outline(labels[k] == value, k, spacing(k))
                 if found is not None:
                     by_label[value] = found
         total: list[tuple[int, Outline]] = []
-        k = total_slice(labels, values, avoid={o.slice_index for o in by_label.values()})
+        k = total_from_counts(counts, avoid={o.slice_index for o in by_label.values()})
         if k is not None:
             for value in values:
                 found = outline(labels[k] == value, k, spacing(k))

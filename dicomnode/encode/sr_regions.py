@@ -49,9 +49,33 @@ class Outline:
     area_mm2: float
 
 
+def slice_counts(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Voxels of each of ``values`` on each slice (axis 0) of ``labels``: shape
+    (len(values), slices). One pass finds the slices with any label; only those are
+    counted: value by value (a compare and a popcount, ~15x faster than a histogram,
+    which widens every voxel to 64 bits) for a few values, a histogram for many."""
+    n = labels.shape[0]
+    flat = labels.reshape(n, -1)
+    counts = np.zeros((len(values), n), dtype=np.int64)
+    if not values or flat.shape[1] == 0:
+        return counts
+    for k in np.flatnonzero(flat.any(axis=1)):
+        row = flat[k]
+        if row.dtype == np.uint8 and len(values) > 16:
+            counts[:, k] = np.bincount(row, minlength=256)[values]
+        else:
+            counts[:, k] = [np.count_nonzero(row == v) for v in values]
+    return counts
+
+
 def representative_slice(mask: np.ndarray) -> int | None:
     """The slice (axis 0) of ``mask`` with the most voxels (see module docstring), or None."""
-    counts = np.count_nonzero(np.asarray(mask, dtype=bool).reshape(mask.shape[0], -1), axis=1)
+    return most_voxels(slice_counts(np.asarray(mask, dtype=bool).view(np.uint8), [1])[0])
+
+
+def most_voxels(counts: np.ndarray) -> int | None:
+    """The representative slice given the voxels per slice: the most, ties to the one
+    nearest the middle of the slices with any, then the lower index; None if none."""
     if not counts.any():
         return None
     best = np.flatnonzero(counts == counts.max())
@@ -95,14 +119,17 @@ def total_slice(labels: np.ndarray, values: list[int], avoid: set[int] | None = 
     among the slices that show every value present, leaving out the slices in ``avoid``
     (the single structures' own slices, so that a viewer does not write two text boxes
     at the same place) unless no other slice shows them all."""
-    present = [v for v in values if (labels == v).any()]
-    if not present:
+    return total_from_counts(slice_counts(labels, values), avoid)
+
+
+def total_from_counts(counts: np.ndarray, avoid: set[int] | None = None) -> int | None:
+    """:func:`total_slice` given :func:`slice_counts` of the values."""
+    counts = counts[counts.any(axis=1)]  # the values present
+    if len(counts) == 0:
         return None
-    flat = labels.reshape(labels.shape[0], -1)
-    counts = np.stack([np.count_nonzero(flat == v, axis=1) for v in present])
     every = np.flatnonzero(counts.min(axis=0) > 0)
     if len(every) == 0:  # no slice shows them all: the slice with most of them
-        return representative_slice(np.isin(labels, present))
+        return most_voxels(counts.sum(axis=0))
     preferred = [k for k in every if k not in (avoid or set())]
     pool = np.array(preferred or every)
     totals = counts.sum(axis=0)[pool]
@@ -111,4 +138,5 @@ def total_slice(labels: np.ndarray, values: list[int], avoid: set[int] | None = 
     return int(best[np.argmin(np.abs(best - middle))])
 
 
-__all__ = ["MIN_POINTS", "Outline", "densify", "outline", "representative_slice", "total_slice"]
+__all__ = ["MIN_POINTS", "Outline", "densify", "most_voxels", "outline", "representative_slice",
+           "slice_counts", "total_from_counts", "total_slice"]
