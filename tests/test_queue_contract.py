@@ -689,6 +689,23 @@ def test_list_filters_by_state(queue: JobQueue) -> None:
         queue.list(["running"])
 
 
+def test_recent_is_the_newest_jobs_first(queue: JobQueue) -> None:
+    jobs = add_n(queue, 5)
+    queue.acquire("w", 60, limit=2)  # the two oldest
+    ids = [j.id for j in jobs]
+    assert [j.id for j in queue.recent(3)] == ids[:1:-1]
+    assert [j.id for j in queue.recent(10)] == ids[::-1]
+    assert [j.id for j in queue.recent(1, ["leased"])] == [ids[1]]
+    assert [j.id for j in queue.recent(5, [JobState.PENDING])] == ids[:1:-1]
+    assert queue.recent(0) == [] and queue.recent(5, []) == []
+    assert queue.recent(2)[0] == queue.get(ids[-1])
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="limit"):
+            queue.recent(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="state"):
+        queue.recent(3, ["running"])
+
+
 def test_everything_persists_across_reopen(queue_factory: QueueFactory, clock: FakeClock) -> None:
     queue = queue_factory(clock=clock)
     add_n(queue, 5, priority=Priority.STAT)

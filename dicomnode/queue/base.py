@@ -328,6 +328,12 @@ class JobQueue(abc.ABC):
         """Every job (in ``states`` if given), by id."""
 
     @abc.abstractmethod
+    def recent(self, limit: int, states: Iterable[JobState | str] | None = None
+               ) -> builtins.list[Job]:
+        """The ``limit`` newest jobs (in ``states`` if given), newest first: what a page
+        shows, without reading every job the node ever ran."""
+
+    @abc.abstractmethod
     def counts(self) -> dict[JobState, int]:
         """How many jobs are in each state (every state present, zeros included)."""
 

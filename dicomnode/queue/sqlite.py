@@ -387,6 +387,22 @@ class SQLiteJobQueue(JobQueue):
             ).fetchall()
         return [_job(r) for r in rows]
 
+    def recent(self, limit: int, states: Iterable[JobState | str] | None = None
+               ) -> builtins.list[Job]:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit: must be an integer >= 0, not {limit!r}")
+        wanted = parse_states(states)
+        if wanted is not None and not wanted:
+            return []
+        where, args = "", []
+        if wanted is not None:
+            where = f" WHERE state IN ({','.join('?' * len(wanted))})"
+            args = [s.value for s in wanted]
+        rows = self._conn().execute(
+            f"SELECT {_COLUMNS} FROM jobs{where} ORDER BY id DESC LIMIT ?", [*args, limit]
+        ).fetchall()
+        return [_job(r) for r in rows]
+
     def counts(self) -> dict[JobState, int]:
         out = dict.fromkeys(JobState, 0)
         for state, n in self._conn().execute("SELECT state, count(*) FROM jobs GROUP BY state"):

@@ -175,12 +175,9 @@ class StatusPage:
         page = Page(self.ae_title, now, self.index.recent_studies(MAX_ROWS), [], {}, {}, [],
                     [], self.queue is not None, self.outbox is not None)
         if self.queue is not None:
-            jobs = sorted(self.queue.list(), key=lambda j: -j.id)
-            for j in jobs:
-                state = j.state.value
-                page.job_counts[state] = page.job_counts.get(state, 0) + 1
-            page.jobs = [self._job(j) for j in jobs[:MAX_ROWS]]
-            done = [j for j in jobs if j.state.value == "done" and j.result][:MAX_RESULTS]
+            page.job_counts = {state.value: n for state, n in self.queue.counts().items() if n}
+            page.jobs = [self._job(j) for j in self.queue.recent(MAX_ROWS)]
+            done = [j for j in self.queue.recent(MAX_RESULTS, ["done"]) if j.result]
             page.results = [r for r in (self._result(j) for j in done) if r is not None]
         if self.outbox is not None:
             page.deliveries = {dest: {s.value: n for s, n in counts.items()}
