@@ -202,3 +202,44 @@ def test_open_metrics_list_no_calling_ae(node_factory: Any, tmp_path: Path) -> N
                  if line.startswith("dicomnode_index_instances{")]
     assert instances and sum(float(x.rsplit(" ", 1)[1]) for x in instances) == 3
     assert node.stop() == 0
+
+
+def test_the_uvicorn_internals_the_guard_relies_on() -> None:
+    """dicomnode.web.protocol subclasses uvicorn's H11Protocol and reads its ``conn``,
+    ``connections``, ``flow``, ``transport`` and ``loop`` and overrides its hooks: an
+    uvicorn upgrade that renames one fails here, naming it, before the deadlines and the
+    connection cap stop working (the tests above pin their behaviour)."""
+    import asyncio
+    import inspect
+    from unittest import mock
+
+    import h11
+    from uvicorn.config import Config
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.server import ServerState
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    for hook, parameters in (("connection_made", ["self", "transport"]),
+                             ("connection_lost", ["self", "exc"]),
+                             ("data_received", ["self", "data"]),
+                             ("on_response_complete", ["self"])):
+        assert list(inspect.signature(getattr(H11Protocol, hook)).parameters) == parameters, hook
+    config = Config(app=app, http="h11", lifespan="off", log_config=None)
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        proto = H11Protocol(config=config, server_state=ServerState(), app_state={},
+                            _loop=loop)
+        transport = mock.MagicMock()
+        transport.get_extra_info.return_value = None
+        proto.connection_made(transport)
+        assert isinstance(proto.conn, h11.Connection) and proto.conn.their_state is h11.IDLE
+        assert proto in proto.connections
+        assert proto.flow.read_paused is False
+        assert proto.transport is transport and proto.loop is loop
+        proto.connection_lost(None)
+        assert proto not in proto.connections
+    finally:
+        loop.close()

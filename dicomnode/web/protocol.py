@@ -18,7 +18,8 @@ them turn every real client away. :class:`GuardedH11Protocol` adds:
 
 Relies on uvicorn's ``H11Protocol`` attributes ``conn``, ``connections``, ``transport``,
 ``flow`` and ``loop`` and its ``on_response_complete`` hook (uvicorn 0.30 to 0.54 keep
-them; ``tests/test_http_hardening.py`` pins the behaviour with real sockets).
+them, and pyproject.toml bounds it there; ``tests/test_http_hardening.py`` pins the
+names and the behaviour with real sockets).
 """
 
 from __future__ import annotations
