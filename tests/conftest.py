@@ -7,6 +7,7 @@ starts is stopped by the fixture that started it.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,6 +70,50 @@ def storescu(port: int, files: list[Path], *, aec: str = "DICOMNODE", aet: str =
     cmd = ["storescu", "-aet", aet, "-aec", aec, *(extra or []), "127.0.0.1", str(port)]
     cmd += [str(f) for f in files]
     return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+_SENDING = re.compile(r"Sending file: (.+)$")
+
+
+def acknowledged(storescu_output: str) -> list[Path]:
+    """Files for which ``storescu -v`` received a Success response, in the order sent
+    (it prints "Sending file: F" before each C-STORE and "Received Store Response
+    (Success)" after the answer)."""
+    acked: list[Path] = []
+    current: Path | None = None
+    for line in storescu_output.splitlines():
+        m = _SENDING.search(line)
+        if m:
+            current = Path(m.group(1).strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            acked.append(current)
+            current = None
+    return acked
+
+
+def kill9_mid_storescu(node: NodeProcess, files: list[Path], log: Path, reached: Any, *,
+                       aet: str = "STORESCU", timeout: float = 60) -> tuple[int, list[Path]]:
+    """Send ``files`` with ``storescu -v`` (its output to ``log``) and kill -9 the node
+    as soon as ``reached()`` is true (or storescu has ended). Returns storescu's exit
+    status and the files the node acknowledged before it died."""
+    need_tool("storescu")
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["storescu", "-v", "-aet", aet, "-aec", "DICOMNODE", "127.0.0.1",
+             str(node.port), *map(str, files)], env=DCMTK_ENV, stdout=out,
+            stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not reached() and proc.poll() is None:
+                assert time.monotonic() < deadline, "transfer stalled"
+                time.sleep(0.002)
+            node.kill9()
+            proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, acknowledged(log.read_text(errors="replace"))
 
 
 class NodeProcess:

@@ -10,18 +10,16 @@ series is sent again, the study must complete exactly once.
 from __future__ import annotations
 
 import random
-import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import (
-    DCMTK_ENV,
     completions,
     dataset_bytes,
     index_query,
+    kill9_mid_storescu,
     make_series,
     need_tool,
     stored_files,
@@ -33,27 +31,11 @@ from conftest import (
 
 N = 150
 ROUNDS = 5
-_SENDING = re.compile(r"Sending file: (.+)$")
 
 
 @pytest.fixture(scope="module")
 def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return make_series(tmp_path_factory.mktemp("crash-series"), n=N, size=256, seed=7)
-
-
-def acknowledged(storescu_output: str) -> list[Path]:
-    """Files for which storescu received a Success response, in the order sent."""
-    acked: list[Path] = []
-    current: Path | None = None
-    for line in storescu_output.splitlines():
-        m = _SENDING.search(line)
-        if m:
-            current = Path(m.group(1).strip())
-        elif "Received Store Response (Success)" in line:
-            assert current is not None
-            acked.append(current)
-            current = None
-    return acked
 
 
 def _count(storage: Path) -> int:
@@ -74,25 +56,10 @@ def test_kill9_mid_transfer_keeps_acknowledged_instances(node_factory: Any, seri
         node.start()
         kill_at = rng.randint(3, N - 10)
         log = tmp_path / f"storescu{round_no}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                ["storescu", "-v", "-aet", "CRASHSCU", "-aec", "DICOMNODE", "127.0.0.1",
-                 str(node.port), *map(str, series)],
-                env=DCMTK_ENV, stdout=out, stderr=subprocess.STDOUT,
-            )
-            try:
-                deadline = time.monotonic() + 60
-                while _count(node.storage) < kill_at and proc.poll() is None:
-                    assert time.monotonic() < deadline, "transfer stalled"
-                    time.sleep(0.002)
-                node.kill9()
-                proc.wait(60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        assert proc.returncode != 0, "storescu finished before the kill: not mid-transfer"
-        acked = acknowledged(log.read_text(errors="replace"))
+        returncode, acked = kill9_mid_storescu(
+            node, series, log, lambda n=node, k=kill_at: _count(n.storage) >= k,
+            aet="CRASHSCU")
+        assert returncode != 0, "storescu finished before the kill: not mid-transfer"
         assert 0 < len(acked) < N
 
         node.start()  # same storage

@@ -9,9 +9,6 @@ ENOSPC; only the node's log stays on the ordinary disk.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,8 +17,8 @@ from typing import Any
 import pytest
 from audit_helpers import TRANSFERRED, event_name, export, transferred, verify
 from conftest import (
-    DCMTK_ENV,
     index_query,
+    kill9_mid_storescu,
     make_series,
     need_tool,
     storescu,
@@ -30,8 +27,6 @@ from conftest import (
 )
 from tmpfs import fill, small_tmpfs
 from tmpfs import free as free_bytes
-
-_SENDING = re.compile(r"Sending file: (.+)$")
 
 
 def readyz(node: Any) -> tuple[int, dict[str, Any]]:
@@ -103,19 +98,6 @@ def test_disk_full_refuses_then_recovers_without_restart(node_factory: Any,
         verify(node)
 
 
-def _acknowledged(output: str) -> list[Path]:
-    acked: list[Path] = []
-    current: Path | None = None
-    for line in output.splitlines():
-        m = _SENDING.search(line)
-        if m:
-            current = Path(m.group(1).strip())
-        elif "Received Store Response (Success)" in line and current is not None:
-            acked.append(current)
-            current = None
-    return acked
-
-
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("kill_at", [7, 80])
 def test_kill9_mid_association_every_acknowledged_instance_has_its_record(
@@ -127,24 +109,10 @@ def test_kill9_mid_association_every_acknowledged_instance_has_its_record(
     study = uids(series[0])[0]
     node = node_factory({"completion": {"quiet_seconds": 30.0}}).start()
     log = tmp_path / "storescu.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["storescu", "-v", "-aet", "SLOWSCU", "-aec", "DICOMNODE", "127.0.0.1",
-             str(node.port), *map(str, series)], env=DCMTK_ENV, stdout=out,
-            stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while stored(node, study) < kill_at and proc.poll() is None:
-                assert time.monotonic() < deadline, "transfer stalled"
-                time.sleep(0.002)
-            node.kill9()
-            proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode != 0, "storescu finished before the kill: not mid-association"
-    acked = _acknowledged(log.read_text(errors="replace"))
+    returncode, acked = kill9_mid_storescu(node, series, log,
+                                           lambda: stored(node, study) >= kill_at,
+                                           aet="SLOWSCU")
+    assert returncode != 0, "storescu finished before the kill: not mid-association"
     assert kill_at - 2 <= len(acked) < len(series)  # the index commit precedes the answer
 
     node.start()  # writes the records the crash left owed
